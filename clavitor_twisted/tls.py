@@ -1,0 +1,221 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+TLS 1.3 for both ends of replication, trusting one private CA only.
+
+The backup serves with its POP certificate and, in mtls mode, demands a
+client certificate that chains to the CA; the primary verifies the backup's
+certificate against the same CA and the host name of C{backup_pop.url}.  The
+system trust store is never consulted and there is no way to turn
+verification off.  The identity of a peer is the subjectAltName DNS names of
+its verified certificate, never its CN.
+
+Errors name the config key they concern (C{auth.mtls_cert},
+C{auth.mtls_key}, C{auth.mtls_ca}), the only place these files come from;
+the path goes to C{detail} only.
+"""
+
+import os
+import stat
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from clavitor_twisted.errors import CertificateError
+
+CERT_KEY = "auth.mtls_cert"
+KEY_KEY = "auth.mtls_key"
+CA_KEY = "auth.mtls_ca"
+
+# The most the client and the server accept below: nothing older than 1.3.
+_TLS_MINIMUM = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_3}
+
+
+@dataclass(frozen=True)
+class PopIdentity:
+    """
+    A POP's certificate and private key, as cryptography objects (to sign
+    with) and as Twisted's C{PrivateCertificate} (to present in TLS).
+    """
+
+    certificate: x509.Certificate
+    private_key: object
+    twisted: ssl.PrivateCertificate
+
+
+def _read(path: str, config_key: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CertificateError(
+            config_key + ": cannot read the file",
+            "cannot read {}: {}".format(path, e.strerror),
+        )
+
+
+def _one_certificate(pem: bytes, config_key: str, path: str) -> x509.Certificate:
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise CertificateError(
+            config_key + ": not a PEM certificate", "{}: {}".format(path, e)
+        )
+    if len(certificates) != 1:
+        raise CertificateError(
+            config_key + ": must hold exactly one certificate",
+            "{} holds {} certificates".format(path, len(certificates)),
+        )
+    return certificates[0]
+
+
+def _read_private_key(path: str) -> bytes:
+    """
+    Read a key file, refusing one that group or others may read or write.
+    The mode is checked on the opened file, so it is the file read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise CertificateError(
+            KEY_KEY + ": cannot read the file",
+            "cannot open {}: {}".format(path, e.strerror),
+        )
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CertificateError(
+                KEY_KEY + ": not a regular file", "{} is not a file".format(path)
+            )
+        if mode & 0o077:
+            raise CertificateError(
+                KEY_KEY + ": group or others have access (chmod 600)",
+                "{} has mode {:o}".format(path, stat.S_IMODE(mode)),
+            )
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def load_identity(cert_path: str, key_path: str) -> PopIdentity:
+    """
+    Load a POP's certificate and unencrypted PEM key.  CertificateError if a
+    file is unreadable or not PEM, the key file is open to group or others,
+    or the key is not the certificate's.
+    """
+    cert = _one_certificate(_read(cert_path, CERT_KEY), CERT_KEY, cert_path)
+    try:
+        key = serialization.load_pem_private_key(
+            _read_private_key(key_path), password=None
+        )
+    except (ValueError, TypeError) as e:
+        raise CertificateError(
+            KEY_KEY + ": not an unencrypted PEM private key",
+            "{}: {}".format(key_path, e),
+        )
+    pem = serialization.Encoding.PEM
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(pem, spki) != cert.public_key().public_bytes(
+        pem, spki
+    ):
+        raise CertificateError(
+            KEY_KEY + ": does not match " + CERT_KEY,
+            "{} is not the key of {}".format(key_path, cert_path),
+        )
+    twisted = ssl.PrivateCertificate.fromCertificateAndKeyPair(
+        ssl.Certificate(crypto.X509.from_cryptography(cert)),
+        ssl.KeyPair(crypto.PKey.from_cryptography_key(key)),
+    )
+    return PopIdentity(certificate=cert, private_key=key, twisted=twisted)
+
+
+def load_ca(ca_path: str) -> ssl.Certificate:
+    """
+    Load the one CA certificate this POP trusts.  CertificateError unless the
+    file holds exactly one certificate and it may sign certificates.
+    """
+    cert = _one_certificate(_read(ca_path, CA_KEY), CA_KEY, ca_path)
+    try:
+        constraints = cert.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        constraints = usage = None
+    if not (constraints and constraints.ca and usage.key_cert_sign):
+        raise CertificateError(
+            CA_KEY + ": not a CA certificate",
+            "{} lacks CA:TRUE or keyCertSign".format(ca_path),
+        )
+    return ssl.Certificate(crypto.X509.from_cryptography(cert))
+
+
+def server_options(
+    identity: PopIdentity, ca: ssl.Certificate, require_client_certificate: bool
+) -> ssl.CertificateOptions:
+    """
+    Server TLS options: our certificate, TLS 1.3 only, and, when
+    C{require_client_certificate}, a client certificate chaining to C{ca} is
+    demanded (the handshake fails without one).  Otherwise no client
+    certificate is asked for (bearer mode).
+    """
+    credentials = dict(
+        privateKey=identity.twisted.privateKey.original,
+        certificate=identity.twisted.original,
+        **_TLS_MINIMUM,
+    )
+    if require_client_certificate:
+        return ssl.CertificateOptions(trustRoot=ca, **credentials)
+    return ssl.CertificateOptions(**credentials)
+
+
+@implementer(IPolicyForHTTPS)
+class BackupPolicy:
+    """
+    The primary's HTTPS policy: the backup's certificate must chain to the CA
+    and name the host we connect to (a DNS name or an IP address); TLS 1.3
+    only; our client certificate is presented when we have one (mtls).
+    """
+
+    def __init__(self, ca: ssl.Certificate, client_identity: PopIdentity | None):
+        self._ca = ca
+        self._client = client_identity.twisted if client_identity else None
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        return ssl.optionsForClientTLS(
+            hostname.decode("ascii"),
+            trustRoot=self._ca,
+            clientCertificate=self._client,
+            extraCertificateOptions=dict(_TLS_MINIMUM),
+        )
+
+
+def peer_certificate(transport) -> x509.Certificate | None:
+    """
+    The peer's certificate on a TLS transport whose handshake is done, such
+    as C{request.channel.transport} in twisted.web.  With L{server_options}
+    in mtls mode, and always on the client side, the handshake fails unless
+    the certificate verified, so a certificate returned here is verified;
+    None when the peer presented none (bearer mode).
+    """
+    cert = transport.getPeerCertificate()
+    if cert is None:
+        return None
+    return cert.to_cryptography()
+
+
+def dns_names(cert: x509.Certificate) -> frozenset[str]:
+    """
+    The subjectAltName DNS names of C{cert}, lower-case; empty without a SAN.
+    The CN is never a name.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(name.lower() for name in san.value.get_values_for_type(x509.DNSName))
