@@ -5,10 +5,13 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test bench clean
 
+# An ordinary (PEP 660) editable install: setup.cfg maps the package root to
+# this directory, so setuptools adds it to sys.path with a .pth file and
+# twistd finds twisted/plugins/clavitor_repl.py beside the real Twisted.
 $(BIN)/clavitor-repl: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 demo: $(BIN)/clavitor-repl
@@ -21,4 +24,4 @@ bench: $(BIN)/clavitor-repl
 	$(BIN)/python bench/replication.py
 
 clean:
-	rm -rf $(VENV) _trial_temp *.egg-info
+	rm -rf $(VENV) _trial_temp build *.egg-info twisted/plugins/dropin.cache
