@@ -5,6 +5,7 @@ TLS connections between the options and policy it builds.
 
 import datetime
 import ipaddress
+import json
 import os
 
 from cryptography import x509
@@ -14,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
     TCP4ClientEndpoint,
@@ -25,7 +26,11 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -471,3 +476,84 @@ class LoopbackTests(TestCase):
 
     def test_policy_interface(self):
         verifyObject(IPolicyForHTTPS, BackupPolicy(self.ca, None))
+
+
+class TrackedChannel(HTTPChannel):
+    """
+    An HTTP channel that tells its site when its connection is gone, so a
+    test can wait for the server side to close.
+    """
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.closed = Deferred()
+        self.site.closed.append(self.closed)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.closed.callback(None)
+
+
+class PeerNames(Resource):
+    """
+    Answers the DNS names of the verified client certificate, found the way
+    the receiver finds it: C{peer_certificate(request.channel.transport)}.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        cert = peer_certificate(request.channel.transport)
+        names = None if cert is None else sorted(dns_names(cert))
+        return json.dumps(names).encode("ascii")
+
+
+class WebTests(TestCase):
+    """
+    BackupPolicy as the policy of a twisted.web Agent, against a Site served
+    with server_options: what the sender and the receiver do.
+    """
+
+    def setUp(self):
+        self.pki = PKIFiles(self.mktemp())
+        self.ca = self.pki.ca()
+        self.backup = self.pki.identity("zurich-01", ips=["127.0.0.1"])
+        self.primary = self.pki.identity("calgary-01")
+
+    @inlineCallbacks
+    def get(self, require_client_certificate, client_identity):
+        site = Site(PeerNames())
+        site.protocol = TrackedChannel
+        site.closed = []
+        options = server_options(self.backup, self.ca, require_client_certificate)
+        port = yield SSL4ServerEndpoint(
+            reactor, 0, options, interface="127.0.0.1"
+        ).listen(site)
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor)
+        self.addCleanup(lambda: gatherResults(site.closed))
+        self.addCleanup(pool.closeCachedConnections)
+        agent = Agent(
+            reactor, contextFactory=BackupPolicy(self.ca, client_identity), pool=pool
+        )
+        url = "https://127.0.0.1:{}/".format(port.getHost().port).encode("ascii")
+        response = yield agent.request(b"GET", url)
+        self.assertEqual(response.code, 200)
+        answer = yield readBody(response)
+        return json.loads(answer)
+
+    @inlineCallbacks
+    def test_mtls_request(self):
+        """
+        The resource sees the primary's verified certificate.
+        """
+        names = yield self.get(True, self.primary)
+        self.assertEqual(names, ["calgary-01"])
+
+    @inlineCallbacks
+    def test_bearer_request(self):
+        """
+        In bearer mode the request arrives without a client certificate.
+        """
+        names = yield self.get(False, None)
+        self.assertIsNone(names)
