@@ -191,6 +191,7 @@ class BackupPolicy:
             hostname.decode("ascii"),
             trustRoot=self._ca,
             clientCertificate=self._client,
+            # A copy: optionsForClientTLS adds the client key to this dict.
             extraCertificateOptions=dict(_TLS_MINIMUM),
         )
 
