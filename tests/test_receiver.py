@@ -1,0 +1,833 @@
+"""
+Tests for L{clavitor_twisted.receiver}: the real site over real loopback TLS
+1.3, with certificates from L{clavitor_twisted.pki}, applying into a real
+L{VaultStore} on a real thread pool.
+"""
+
+import dataclasses
+import json
+import os
+import sqlite3
+from io import BytesIO
+
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseNeverReceived,
+    readBody,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from clavitor_twisted import pki, protocol, tls
+from clavitor_twisted.config import parse_config
+from clavitor_twisted.errors import RateLimited
+from clavitor_twisted.receiver import make_site
+from clavitor_twisted.tokens import (
+    TokenSet,
+    TokenSource,
+    generate_token,
+    write_token_file,
+)
+from clavitor_twisted.vault import Entry, Vault, list_vault_ids, vault_path, VaultStore
+
+BACKUP = "zurich-01"
+PRIMARY = "calgary-01"
+PARTNER = "geneva-01"  # authorised too, with its own certificate
+STRANGER = "oslo-01"  # a certificate from our CA, but not authorised
+NOW = 1_700_000_000
+STARTED_AT = NOW - 60
+MAX_AGE = 300
+SKEW = 30
+MAX_REQUEST_BYTES = 8192
+VAULT_ID = "0123456789abcdef"
+
+CONFIG = """\
+pop_id: {backup}
+region: europe
+role: backup
+data_dir: {data_dir}
+auth:
+  method: {method}
+  mtls_cert: {cert}
+  mtls_key: {key}
+  mtls_ca: {ca}
+{token_line}replication:
+  max_request_age: {max_age}
+security:
+  clock_skew: {skew}
+  max_request_bytes: {max_request_bytes}
+  max_entry_bytes: 1024
+listen:
+  address: 127.0.0.1
+authorized_pops: [{primary}, {partner}]
+"""
+
+ENTRIES = (
+    Entry(VAULT_ID, "login-1", 3, NOW * 1000, False, b"ciphertext one"),
+    Entry(VAULT_ID, "login-2", 1, NOW * 1000, False, b"\x00\xffciphertext two"),
+    Entry(VAULT_ID, "gone", 2, NOW * 1000, True, None),
+)
+
+
+class _Collect(Protocol):
+    """
+    A raw client: send C{request} once connected, keep what comes back.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.lost = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(None)
+
+
+class _Connections(WrappingFactory):
+    """
+    The site, wrapped to tell the test when the server side has no
+    connection open any more.
+    """
+
+    def __init__(self, wrapped) -> None:
+        super().__init__(wrapped)
+        self.waiting: list[Deferred] = []
+
+    def whenAllLost(self) -> Deferred:
+        if not self.protocols:
+            return succeed(None)
+        d = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def unregisterProtocol(self, p) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiting, self.waiting = self.waiting, []
+            for d in waiting:
+                d.callback(None)
+
+
+class _FixedToken:
+    """
+    A token source that always gives one token, to sign as a sender holding
+    that token would.
+    """
+
+    def __init__(self, token: bytes) -> None:
+        self._tokens = TokenSet(token)
+
+    def tokens(self) -> TokenSet:
+        return self._tokens
+
+
+class _HeldStore:
+    """
+    A VaultStore whose apply waits until the test releases it, so that a
+    request can be caught while its batch is being applied.
+    """
+
+    def __init__(self, store: VaultStore) -> None:
+        self._store = store
+        self.reached = Deferred()
+        self.release = Deferred()
+
+    def apply_batch(self, *args):
+        self.reached.callback(None)
+        return self.release.addCallback(lambda _: self._store.apply_batch(*args))
+
+
+class _FailingStore:
+    """
+    A VaultStore whose apply fails with C{error}, as a broken disk or a
+    guard further down would.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        self._error = error
+
+    def apply_batch(self, *args):
+        return fail(self._error)
+
+
+class ReceiverTestCase(TestCase):
+    """
+    A backup POP serving L{make_site} over loopback TLS, and the means to
+    post to it as various POPs.
+    """
+
+    method = "mtls"
+
+    @inlineCallbacks
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        self.pki_dir = os.path.join(base, "pki")
+        self.data_dir = os.path.join(base, "data")
+        os.makedirs(self.pki_dir)
+        os.makedirs(self.data_dir)
+        self.ca_key, self.ca_cert = pki.make_ca()
+        ca_path = os.path.join(self.pki_dir, "ca.crt")
+        pki.write_certificate(ca_path, self.ca_cert)
+        self.ca = tls.load_ca(ca_path)
+        cert, key = self.pop_files(BACKUP, ips=["127.0.0.1"])
+        self.identities = {
+            pop: tls.load_identity(*self.pop_files(pop))
+            for pop in (PRIMARY, PARTNER, STRANGER)
+        }
+
+        token_line = ""
+        self.token_source = None
+        if self.method == "bearer":
+            self.token_path = os.path.join(base, "token")
+            self.current, self.previous = generate_token(), generate_token()
+            write_token_file(self.token_path, self.current, self.previous)
+            token_line = "  token_file: {}\n".format(self.token_path)
+        self.config = parse_config(
+            CONFIG.format(
+                backup=BACKUP,
+                primary=PRIMARY,
+                partner=PARTNER,
+                data_dir=self.data_dir,
+                method=self.method,
+                cert=cert,
+                key=key,
+                ca=ca_path,
+                token_line=token_line,
+                max_age=MAX_AGE,
+                skew=SKEW,
+                max_request_bytes=MAX_REQUEST_BYTES,
+            )
+        )
+
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        if self.method == "bearer":
+            self.token_source = TokenSource(self.token_path, self.clock)
+        pool = ThreadPool(minthreads=1, maxthreads=1, name="test-vaults")
+        pool.start()
+        self.addCleanup(pool.stop)
+        self.store = VaultStore(self.data_dir, pool, reactor)
+        self.addCleanup(self.store.close)
+
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+        yield self.serve(self.store)
+
+    def pop_files(self, pop_id, ips=()):
+        return pki.write_pop_files(
+            self.pki_dir, self.ca_key, self.ca_cert, pop_id, ips=ips
+        )
+
+    @inlineCallbacks
+    def serve(self, store):
+        """
+        Listen on 127.0.0.1 with the backup's site applying into C{store}.
+        """
+        if getattr(self, "port", None) is not None:
+            yield self.port.stopListening()
+        site = make_site(self.config, store, self.clock, self.token_source, STARTED_AT)
+        self.factory = _Connections(site)
+        options = tls.server_options(
+            tls.load_identity(
+                self.config.auth.mtls_cert, self.config.auth.mtls_key
+            ),
+            self.ca,
+            require_client_certificate=self.method == "mtls",
+        )
+        self.port = yield SSL4ServerEndpoint(
+            reactor, 0, options, interface="127.0.0.1"
+        ).listen(self.factory)
+        self.addCleanup(lambda: self.port.stopListening())
+
+    def batch(self, source_pop=PRIMARY, target_pop=BACKUP, entries=ENTRIES, **changes):
+        batch = protocol.new_batch(source_pop, target_pop, 1, 7, entries, now=NOW)
+        return dataclasses.replace(batch, **changes)
+
+    def signed(self, batch, signer_pop=PRIMARY):
+        """
+        The body of C{batch} and its headers, signed the way this mode signs.
+        """
+        body = protocol.serialise(batch)
+        headers = {b"Content-Type": [b"application/json"]}
+        if self.method == "mtls":
+            signer = protocol.CertificateSigner(self.identities[signer_pop].private_key)
+            headers[protocol.SIGNATURE_HEADER] = [signer.sign(body)]
+            return body, headers
+        return body, self.bearer_headers(body, self.token_source.tokens().current)
+
+    def bearer_headers(self, body, token, hmac_token=None):
+        """
+        Bearer-mode headers for C{body}: C{token} as bearer, the HMAC keyed
+        with C{hmac_token} (by default the same token).
+        """
+        signer = protocol.HmacSigner(_FixedToken(hmac_token or token))
+        return {
+            b"Content-Type": [b"application/json"],
+            b"Authorization": [b"Bearer " + token],
+            protocol.SIGNATURE_HEADER: [signer.sign(body)],
+        }
+
+    @inlineCallbacks
+    def post(
+        self,
+        body,
+        headers,
+        pop=PRIMARY,
+        method=b"POST",
+        path=protocol.APPLY_PATH,
+        chunked=False,
+    ):
+        """
+        Send a request as C{pop} (its certificate presented in mtls mode),
+        the body chunked if C{chunked}: C{(response, body)}.
+        """
+        producer = None if body is None else FileBodyProducer(BytesIO(body))
+        if chunked:
+            producer.length = UNKNOWN_LENGTH
+        identity = self.identities[pop] if self.method == "mtls" else None
+        agent = Agent(
+            reactor,
+            contextFactory=tls.BackupPolicy(self.ca, identity),
+            pool=HTTPConnectionPool(reactor, persistent=False),
+        )
+        url = b"https://127.0.0.1:%d%s" % (self.port.getHost().port, path)
+        try:
+            response = yield agent.request(
+                method,
+                url,
+                Headers(headers),
+                producer,
+            )
+            content = yield readBody(response)
+        finally:
+            yield self.factory.whenAllLost()
+        return response, content
+
+    @inlineCallbacks
+    def send(self, batch, pop=PRIMARY, signer_pop=None):
+        body, headers = self.signed(batch, signer_pop or pop)
+        result = yield self.post(body, headers, pop=pop)
+        return result
+
+    def assertSecurityHeaders(self, response):
+        headers = response.headers
+        self.assertEqual(headers.getRawHeaders(b"Content-Type"), [b"application/json"])
+        self.assertEqual(headers.getRawHeaders(b"X-Content-Type-Options"), [b"nosniff"])
+        self.assertEqual(headers.getRawHeaders(b"Cache-Control"), [b"no-store"])
+        self.assertIsNone(headers.getRawHeaders(b"Server"))
+
+    def assertRefused(self, result, status, word):
+        """
+        The answer is C{status} with the body exactly C{{"error": word}} and
+        the security headers.
+        """
+        response, content = result
+        self.assertEqual(response.code, status, content)
+        self.assertEqual(content, json.dumps({"error": word}, separators=(",", ":")).encode())
+        self.assertSecurityHeaders(response)
+
+    def assertApplied(self, result, applied, skipped=0, seq=7):
+        response, content = result
+        self.assertEqual(response.code, 200, content)
+        self.assertSecurityHeaders(response)
+        self.assertEqual(
+            json.loads(content),
+            {
+                "applied": applied,
+                "skipped": skipped,
+                "seq": seq,
+                "pop_id": BACKUP,
+                "role": "backup",
+            },
+        )
+
+    def assertNothingApplied(self):
+        self.assertEqual(list_vault_ids(self.data_dir), [])
+
+    def stored(self):
+        vault = Vault.open(vault_path(self.data_dir, VAULT_ID))
+        try:
+            return tuple(vault.iter_entries()), vault.get_meta("source_pop")
+        finally:
+            vault.close()
+
+    def refusals(self):
+        return [e for e in self.events if "word" in e and "reason" in e]
+
+
+class CertificateModeTests(ReceiverTestCase):
+    @inlineCallbacks
+    def test_valid_batch_applies(self):
+        """
+        A batch signed by the primary's certificate is applied: 200 with the
+        counts, and the backup vault holds the entries, owned by the primary.
+        """
+        result = yield self.send(self.batch())
+        self.assertApplied(result, applied=3)
+        entries, owner = self.stored()
+        self.assertEqual(entries, tuple(sorted(ENTRIES, key=lambda e: e.entry_id)))
+        self.assertEqual(owner, PRIMARY)
+
+    @inlineCallbacks
+    def test_source_pop_not_in_certificate(self):
+        """
+        The primary's valid certificate with another authorised POP as
+        source_pop (signed with the primary's own key, so the signature
+        verifies) is forbidden and nothing is applied.
+        """
+        result = yield self.send(self.batch(source_pop=PARTNER), pop=PRIMARY)
+        self.assertRefused(result, 403, "forbidden")
+        self.assertNothingApplied()
+        [refusal] = self.refusals()
+        self.assertEqual(refusal["claimed_pop"], PARTNER)
+        self.assertIsNone(refusal["proven_pop"])
+
+    @inlineCallbacks
+    def test_signed_by_another_pop(self):
+        """
+        A body signed with another POP's key than the certificate presented
+        fails authentication.
+        """
+        result = yield self.send(self.batch(), pop=PRIMARY, signer_pop=PARTNER)
+        self.assertRefused(result, 401, "unauthenticated")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_body_changed_after_signing(self):
+        """
+        One byte changed after signing fails authentication, logged at error
+        level as a failed authentication.
+        """
+        body, headers = self.signed(self.batch())
+        index = body.index(b'"seq":7') + len(b'"seq":')
+        changed = body[:index] + b"8" + body[index + 1 :]
+        result = yield self.post(changed, headers)
+        self.assertRefused(result, 401, "unauthenticated")
+        self.assertNothingApplied()
+        [refusal] = self.refusals()
+        self.assertEqual(refusal["log_level"].name, "error")
+        self.assertTrue(refusal["auth_failure"])
+
+    @inlineCallbacks
+    def test_missing_signature(self):
+        body, headers = self.signed(self.batch())
+        del headers[protocol.SIGNATURE_HEADER]
+        self.assertRefused((yield self.post(body, headers)), 401, "unauthenticated")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_two_signatures(self):
+        body, headers = self.signed(self.batch())
+        headers[protocol.SIGNATURE_HEADER] *= 2
+        self.assertRefused((yield self.post(body, headers)), 401, "unauthenticated")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_stale_timestamp(self):
+        """
+        A correctly signed batch older than max_request_age is refused with
+        401, logged as stale and not as a failed authentication.
+        """
+        result = yield self.send(self.batch(timestamp=NOW - MAX_AGE - 1))
+        self.assertRefused(result, 401, "unauthenticated")
+        self.assertNothingApplied()
+        [refusal] = self.refusals()
+        self.assertFalse(refusal["auth_failure"])
+        self.assertEqual(refusal["log_level"].name, "warn")
+
+    @inlineCallbacks
+    def test_max_request_age_boundary(self):
+        """
+        A batch exactly max_request_age old is still fresh; one second more
+        and it is stale.
+        """
+        self.clock.advance(MAX_AGE)
+        self.assertApplied((yield self.send(self.batch())), applied=3)
+        self.clock.advance(1)
+        result = yield self.send(self.batch())
+        self.assertRefused(result, 401, "unauthenticated")
+
+    @inlineCallbacks
+    def test_before_process_start(self):
+        """
+        A batch signed before the process started is refused even though it
+        is younger than max_request_age: a restart reopens no old request.
+        """
+        result = yield self.send(self.batch(timestamp=STARTED_AT - 1))
+        self.assertRefused(result, 401, "unauthenticated")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_from_the_future(self):
+        result = yield self.send(self.batch(timestamp=NOW + SKEW + 1))
+        self.assertRefused(result, 401, "unauthenticated")
+        result = yield self.send(self.batch(timestamp=NOW + SKEW))
+        self.assertApplied(result, applied=3)
+
+    @inlineCallbacks
+    def test_replay_refused(self):
+        """
+        The identical request sent twice is applied once; the replay is
+        refused as stale, even after the entries changed in the meantime.
+        """
+        body, headers = self.signed(self.batch())
+        self.assertApplied((yield self.post(body, headers)), applied=3)
+        newer = self.batch(entries=[dataclasses.replace(ENTRIES[0], version=9)])
+        self.assertApplied((yield self.send(newer)), applied=1)
+        self.clock.advance(MAX_AGE - 1)
+        self.assertRefused((yield self.post(body, headers)), 401, "unauthenticated")
+        entries, _ = self.stored()
+        self.assertEqual(entries[1].entry_id, "login-1")
+        self.assertEqual(entries[1].version, 9)
+
+    @inlineCallbacks
+    def test_source_not_authorised(self):
+        """
+        A POP with a valid certificate from our CA, signing its own batch
+        correctly, is forbidden when it is not in authorized_pops.
+        """
+        result = yield self.send(self.batch(source_pop=STRANGER), pop=STRANGER)
+        self.assertRefused(result, 403, "forbidden")
+        self.assertNothingApplied()
+        [refusal] = self.refusals()
+        self.assertEqual(refusal["proven_pop"], STRANGER)
+
+    @inlineCallbacks
+    def test_other_authorised_pop(self):
+        """
+        Another authorised POP, proving itself with its own certificate, may
+        replicate.
+        """
+        result = yield self.send(self.batch(source_pop=PARTNER), pop=PARTNER)
+        self.assertApplied(result, applied=3)
+
+    @inlineCallbacks
+    def test_vault_of_another_pop(self):
+        """
+        A vault replicated by the primary cannot be overwritten by the other
+        authorised POP: 403 from the store, and the primary's data stays.
+        """
+        self.assertApplied((yield self.send(self.batch())), applied=3)
+        taken = [dataclasses.replace(ENTRIES[0], version=99, data=b"forged")]
+        result = yield self.send(
+            self.batch(source_pop=PARTNER, entries=taken), pop=PARTNER
+        )
+        self.assertRefused(result, 403, "forbidden")
+        entries, owner = self.stored()
+        self.assertEqual(owner, PRIMARY)
+        self.assertEqual(entries[1].data, b"ciphertext one")
+
+    @inlineCallbacks
+    def test_wrong_target(self):
+        result = yield self.send(self.batch(target_pop="geneva-02"))
+        self.assertRefused(result, 409, "conflict")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_malformed(self):
+        """
+        A correctly signed body that is not a v1 batch is malformed.
+        """
+        body = protocol.serialise(self.batch()).replace(b'"protocol":1', b'"protocol":2')
+        signature = protocol.CertificateSigner(
+            self.identities[PRIMARY].private_key
+        ).sign(body)
+        headers = {
+            b"Content-Type": [b"application/json"],
+            protocol.SIGNATURE_HEADER: [signature],
+        }
+        self.assertRefused((yield self.post(body, headers)), 400, "malformed")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_get(self):
+        result = yield self.post(None, {}, method=b"GET")
+        self.assertRefused(result, 405, "method")
+        self.assertEqual(result[0].headers.getRawHeaders(b"Allow"), [b"POST"])
+
+    @inlineCallbacks
+    def test_text_plain(self):
+        body, headers = self.signed(self.batch())
+        headers[b"Content-Type"] = [b"text/plain"]
+        self.assertRefused((yield self.post(body, headers)), 415, "media_type")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_json_with_charset(self):
+        body, headers = self.signed(self.batch())
+        headers[b"Content-Type"] = [b"Application/JSON; charset=utf-8"]
+        self.assertApplied((yield self.post(body, headers)), applied=3)
+
+    @inlineCallbacks
+    def test_too_large(self):
+        """
+        A body above max_request_bytes is refused with 413 before any
+        signature check.
+        """
+        body = b"{" + b" " * MAX_REQUEST_BYTES + b"}"
+        headers = {b"Content-Type": [b"application/json"]}
+        self.assertRefused((yield self.post(body, headers)), 413, "too_large")
+
+    @inlineCallbacks
+    def test_too_large_chunked(self):
+        """
+        A chunked body above max_request_bytes is refused too.
+        """
+        body = b"{" + b" " * MAX_REQUEST_BYTES + b"}"
+        headers = {b"Content-Type": [b"application/json"]}
+        self.assertRefused(
+            (yield self.post(body, headers, chunked=True)), 413, "too_large"
+        )
+
+    @inlineCallbacks
+    def test_unknown_path(self):
+        for path in (b"/", b"/api/replication/apply/", b"/api/replication/applyx"):
+            result = yield self.post(None, {}, method=b"GET", path=path)
+            self.assertRefused(result, 404, "not_found")
+
+    @inlineCallbacks
+    def test_client_certificate_from_another_ca(self):
+        """
+        A client certificate with the primary's subject and names from
+        another CA (of the same name) is refused at the handshake: no answer
+        at all, and nothing applied.
+        """
+        other_dir = os.path.abspath(self.mktemp())
+        os.makedirs(other_dir)
+        other_key, other_ca = pki.make_ca()
+        self.assertEqual(other_ca.subject, self.ca_cert.subject)
+        impostor = tls.load_identity(
+            *pki.write_pop_files(other_dir, other_key, other_ca, PRIMARY)
+        )
+        self.assertEqual(
+            impostor.certificate.subject, self.identities[PRIMARY].certificate.subject
+        )
+        self.identities["impostor"] = impostor
+        body, headers = self.signed(self.batch(), signer_pop="impostor")
+        error = yield self.assertFailure(
+            self.post(body, headers, pop="impostor"), ResponseNeverReceived
+        )
+        [reason] = error.reasons
+        self.assertTrue(reason.check(SSL.Error))
+        self.assertIn("unknown ca", str(reason.value))
+        self.assertNothingApplied()
+        self.assertEqual(self.refusals(), [])
+
+    @inlineCallbacks
+    def test_disconnect_before_answer(self):
+        """
+        A client that goes away while its batch is applied gets no answer
+        written after it left; the batch is still applied, nothing fails.
+        """
+        held = _HeldStore(self.store)
+        yield self.serve(held)
+        body, headers = self.signed(self.batch())
+        request = (
+            b"POST /api/replication/apply HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+            b"X-Clavitor-Signature: " + headers[protocol.SIGNATURE_HEADER][0] + b"\r\n"
+            b"Content-Length: %d\r\n\r\n" % (len(body),)
+        ) + body
+        client = _Collect(request)
+        creator = tls.BackupPolicy(self.ca, self.identities[PRIMARY]).creatorForNetloc(
+            b"127.0.0.1", self.port.getHost().port
+        )
+        yield connectProtocol(
+            wrapClientTLS(
+                creator,
+                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
+            ),
+            client,
+        )
+        yield held.reached
+        client.transport.abortConnection()
+        yield client.lost
+        yield self.factory.whenAllLost()
+        held.release.callback(None)
+        yield held.release
+        self.assertEqual(client.received, b"")
+        entries, _ = self.stored()
+        self.assertEqual(len(entries), 3)
+        [gone] = [e for e in self.events if e.get("log_format", "").endswith("answer")]
+        self.assertEqual(gone["status"], 200)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @inlineCallbacks
+    def test_unexpected_error(self):
+        """
+        An unexpected exception is a 500 with C{{"error": "internal"}}: its
+        text (here a path) stays in the log.
+        """
+        yield self.serve(
+            _FailingStore(sqlite3.OperationalError("unable to open /srv/vaults/x.db"))
+        )
+        result = yield self.send(self.batch())
+        self.assertRefused(result, 500, "internal")
+        self.assertNotIn(b"/srv", result[1])
+        [logged] = self.flushLoggedErrors(sqlite3.OperationalError)
+        self.assertIn("/srv/vaults", str(logged.value))
+
+    @inlineCallbacks
+    def test_rate_limited(self):
+        """
+        A refusal raised anywhere in the chain is answered with its status;
+        RateLimited also with Retry-After.
+        """
+        yield self.serve(_FailingStore(RateLimited("too many from calgary-01", 17)))
+        result = yield self.send(self.batch())
+        self.assertRefused(result, 429, "rate_limited")
+        self.assertEqual(result[0].headers.getRawHeaders(b"Retry-After"), [b"17"])
+
+    @inlineCallbacks
+    def test_raw_answer_has_no_server_banner(self):
+        """
+        On the wire, an answer carries no Server header at all.
+        """
+        client = _Collect(
+            b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        creator = tls.BackupPolicy(self.ca, self.identities[PRIMARY]).creatorForNetloc(
+            b"127.0.0.1", self.port.getHost().port
+        )
+        yield connectProtocol(
+            wrapClientTLS(
+                creator,
+                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
+            ),
+            client,
+        )
+        yield client.lost
+        yield self.factory.whenAllLost()
+        head, _, content = client.received.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
+        self.assertNotIn(b"server:", head.lower())
+        self.assertNotIn(b"twisted", client.received.lower())
+        self.assertEqual(content, b'{"error":"not_found"}')
+
+
+class BearerModeTests(ReceiverTestCase):
+    method = "bearer"
+
+    @inlineCallbacks
+    def test_valid_batch_applies(self):
+        result = yield self.send(self.batch())
+        self.assertApplied(result, applied=3)
+        self.assertEqual(len(self.stored()[0]), 3)
+
+    @inlineCallbacks
+    def test_wrong_token(self):
+        """
+        A bearer token that is neither the current nor the previous one is
+        refused, with an HMAC keyed with that token or with the right one;
+        no token appears in any log event.
+        """
+        wrong = generate_token()
+        for hmac_token in (wrong, self.current):
+            body = protocol.serialise(self.batch())
+            headers = self.bearer_headers(body, wrong, hmac_token)
+            self.assertRefused(
+                (yield self.post(body, headers)), 401, "unauthenticated"
+            )
+        self.assertNothingApplied()
+        logged = repr(self.events).encode()
+        for token in (wrong, self.current, self.previous):
+            self.assertNotIn(token, logged)
+
+    @inlineCallbacks
+    def test_no_token(self):
+        body, headers = self.signed(self.batch())
+        del headers[b"Authorization"]
+        self.assertRefused((yield self.post(body, headers)), 401, "unauthenticated")
+
+    @inlineCallbacks
+    def test_not_bearer(self):
+        body, headers = self.signed(self.batch())
+        headers[b"Authorization"] = [b"Basic " + self.current]
+        self.assertRefused((yield self.post(body, headers)), 401, "unauthenticated")
+
+    @inlineCallbacks
+    def test_previous_token_works(self):
+        """
+        During a rotation the previous token still authenticates, as bearer
+        and as HMAC key.
+        """
+        body = protocol.serialise(self.batch())
+        headers = self.bearer_headers(body, self.previous)
+        self.assertApplied((yield self.post(body, headers)), applied=3)
+
+    @inlineCallbacks
+    def test_hmac_keyed_with_the_other_token(self):
+        """
+        The bearer token and the HMAC key may be the two accepted tokens (a
+        sender that reloaded its file between signing and sending).
+        """
+        body = protocol.serialise(self.batch())
+        headers = self.bearer_headers(body, self.previous, hmac_token=self.current)
+        self.assertApplied((yield self.post(body, headers)), applied=3)
+
+    @inlineCallbacks
+    def test_hmac_keyed_with_a_wrong_token(self):
+        """
+        A valid bearer token with an HMAC keyed with anything else fails.
+        """
+        body = protocol.serialise(self.batch())
+        headers = self.bearer_headers(body, self.current, hmac_token=generate_token())
+        self.assertRefused((yield self.post(body, headers)), 401, "unauthenticated")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_body_changed_after_signing(self):
+        body, headers = self.signed(self.batch())
+        changed = body.replace(b'"epoch":1', b'"epoch":2')
+        self.assertRefused((yield self.post(changed, headers)), 401, "unauthenticated")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_source_not_authorised(self):
+        """
+        The token proves no POP: a source outside authorized_pops is
+        forbidden even with a valid token.
+        """
+        result = yield self.send(self.batch(source_pop=STRANGER))
+        self.assertRefused(result, 403, "forbidden")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_rotated_file_picked_up(self):
+        """
+        After the token file is rotated, the new token works and the token
+        that fell out of it no longer does.
+        """
+        newest = generate_token()
+        write_token_file(self.token_path, newest, self.current)
+        self.clock.advance(1)
+        body = protocol.serialise(self.batch())
+        headers = self.bearer_headers(body, self.previous)
+        self.assertRefused((yield self.post(body, headers)), 401, "unauthenticated")
+        body = protocol.serialise(self.batch())
+        self.assertApplied((yield self.post(body, self.bearer_headers(body, newest))), applied=3)
