@@ -236,7 +236,9 @@ class ReceiverTestCase(TestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
+        self.port = None
         yield self.serve(self.store)
+        self.addCleanup(lambda: self.port.stopListening())
 
     def pop_files(self, pop_id, ips=()):
         return pki.write_pop_files(
@@ -248,7 +250,7 @@ class ReceiverTestCase(TestCase):
         """
         Listen on 127.0.0.1 with the backup's site applying into C{store}.
         """
-        if getattr(self, "port", None) is not None:
+        if self.port is not None:
             yield self.port.stopListening()
         site = make_site(self.config, store, self.clock, self.token_source, STARTED_AT)
         self.factory = _Connections(site)
@@ -262,7 +264,6 @@ class ReceiverTestCase(TestCase):
         self.port = yield SSL4ServerEndpoint(
             reactor, 0, options, interface="127.0.0.1"
         ).listen(self.factory)
-        self.addCleanup(lambda: self.port.stopListening())
 
     def batch(self, source_pop=PRIMARY, target_pop=BACKUP, entries=ENTRIES, **changes):
         batch = protocol.new_batch(source_pop, target_pop, 1, 7, entries, now=NOW)
