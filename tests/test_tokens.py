@@ -29,8 +29,6 @@ TOKEN_A = b"4f1c8a0e9b7d2f3a6c5e8d1b0a9f7e6c5d4b3a2f1e0d9c8b7a6f5e4d3c2b1a09"
 TOKEN_B = b"b7e2d91c0a4f6e8d3b5a7c9e1f0d2b4a6c8e0f1d3b5a7c9e2f4d6b8a0c1e3f5d"
 TOKEN_C = b"Zq8Xv2Lm9Np4Rt7Wk3Hs6Jd1Fg5Bc0Ay-Ue_Io.Op~Kl!Mn"
 
-VISIBLE = bytes(range(0x21, 0x7F))
-
 
 class ValidateTokenTests(SynchronousTestCase):
     def test_32_bytes_accepted(self) -> None:
@@ -46,6 +44,7 @@ class ValidateTokenTests(SynchronousTestCase):
         error = self.assertRaises(TokenError, validate_token, TOKEN_32[:31])
         self.assertEqual(error.public, "token: shorter than 32 bytes")
 
+    @settings(deadline=None)
     @given(st.binary(max_size=31))
     def test_any_short_token_refused(self, token: bytes) -> None:
         """
@@ -73,8 +72,9 @@ class ValidateTokenTests(SynchronousTestCase):
         """
         self.assertRaises(TokenError, validate_token, TOKEN_32 + TOKEN_32)
 
+    @settings(deadline=None)
     @given(
-        st.binary(min_size=1, max_size=8).filter(lambda p: all(b in VISIBLE for b in p)),
+        st.lists(st.integers(0x21, 0x7E), min_size=1, max_size=8).map(bytes),
         st.integers(min_value=0, max_value=100),
     )
     def test_any_short_period_refused(self, pattern: bytes, extra: int) -> None:
@@ -133,13 +133,12 @@ class GenerateTokenTests(SynchronousTestCase):
         self.assertEqual(len(token), 64)
         self.assertTrue(set(token) <= set(string.hexdigits.lower().encode("ascii")))
 
-    @settings(max_examples=200)
-    @given(st.none())
-    def test_generated_tokens_pass_validation(self, _: None) -> None:
+    def test_generated_tokens_pass_validation(self) -> None:
         """
-        Every generated token is accepted.
+        Generated tokens are accepted, a thousand out of a thousand.
         """
-        self.assertIsNone(validate_token(generate_token()))
+        for _ in range(1000):
+            self.assertIsNone(validate_token(generate_token()))
 
     def test_distinct(self) -> None:
         """
