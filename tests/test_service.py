@@ -1,0 +1,400 @@
+"""
+Tests for clavitor_twisted.service and the twistd plugin: the service tree
+by role, start-up errors, and a backup and a primary replicating in-process
+over real loopback TLS.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from twisted.application.service import IServiceMaker, IServiceCollection
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, capturedLogs
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from clavitor_twisted import demo, service, tls
+from clavitor_twisted.config import parse_config
+from clavitor_twisted.role import Role
+from clavitor_twisted.vault import Vault, open_vault_for_writes, vault_path
+
+VAULT_ID = "0123456789abcdef"
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def services(top):
+    """
+    Every service of a tree, depth first.
+    """
+    yield top
+    if IServiceCollection.providedBy(top):
+        for child in top:
+            yield from services(child)
+
+
+def as_config(document: dict, **listen):
+    config = parse_config(yaml.safe_dump(document))
+    if listen:
+        config = dataclasses.replace(
+            config, listen=dataclasses.replace(config.listen, **listen)
+        )
+    return config
+
+
+class Pop:
+    """
+    The files of one test: a CA, both demo POPs' certificates and a data
+    directory per POP.
+    """
+
+    def __init__(self, case, method="mtls"):
+        self.directory = os.path.abspath(case.mktemp())
+        os.makedirs(self.directory)
+        self.method = method
+        self.pki = demo.write_pki(
+            self.directory, (demo.PRIMARY_POP, demo.BACKUP_POP), method == "bearer"
+        )
+        self.primary_dir = os.path.join(self.directory, "primary")
+        self.backup_dir = os.path.join(self.directory, "backup")
+        os.mkdir(self.primary_dir)
+        os.mkdir(self.backup_dir)
+
+    def backup(self, port=1, **extra):
+        document = demo.backup_config(self.pki, self.backup_dir, port, self.method)
+        document.update(extra)
+        return document
+
+    def primary(self, port, batch_size=2):
+        return demo.primary_config(
+            self.pki, self.primary_dir, port, self.method, batch_size=batch_size
+        )
+
+    def write(self, name, document):
+        path = os.path.join(self.directory, name)
+        demo.write_config(path, document)
+        return path
+
+
+class ServiceTreeTests(SynchronousTestCase):
+    """
+    What make_service builds for each role, without starting it.
+    """
+
+    def test_backup_never_has_a_sender(self):
+        """
+        A backup gets the vault pool and the TLS receiver, never a sender,
+        even with a backup_pop in its config (which is warned about).
+        """
+        pop = Pop(self)
+        document = pop.backup(
+            backup_pop={"id": "other-pop", "url": "https://127.0.0.1:9"}
+        )
+        with capturedLogs() as events:
+            top = service.make_service(as_config(document), reactor, environ={})
+        tree = list(services(top))
+        self.assertFalse([s for s in tree if isinstance(s, service.SenderService)])
+        self.assertEqual([s.name for s in top], ["vaults", "receiver"])
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual([e["key"] for e in warnings], ["backup_pop"])
+
+    def test_backup_mode_environment_is_ignored(self):
+        """
+        CLAVITOR_BACKUP_MODE=true in a primary's environment changes nothing:
+        it is still a primary with a sender, and a warning is logged.
+        """
+        pop = Pop(self)
+        with capturedLogs() as events:
+            top = service.make_service(
+                as_config(pop.primary(8443)),
+                reactor,
+                environ={"CLAVITOR_BACKUP_MODE": "true"},
+            )
+        self.assertEqual([s.name for s in top], ["vaults", "sender"])
+        self.assertIsInstance(top.getServiceNamed("sender"), service.SenderService)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual([e.get("variable") for e in warnings], ["CLAVITOR_BACKUP_MODE"])
+
+    def test_bearer_rereads_the_token_file(self):
+        """
+        In bearer mode a timer rereads the token file every
+        TOKEN_REFRESH_INTERVAL seconds.
+        """
+        pop = Pop(self, method="bearer")
+        top = service.make_service(as_config(pop.backup()), reactor, environ={})
+        self.assertEqual([s.name for s in top], ["vaults", "tokens", "receiver"])
+        timer = top.getServiceNamed("tokens")
+        self.assertEqual(timer.step, service.TOKEN_REFRESH_INTERVAL)
+        self.assertIs(timer.clock, reactor)
+
+
+class StartUpErrorTests(SynchronousTestCase):
+    """
+    A POP that cannot start says why on stderr (public text, no path), logs
+    the detail, and exits with status 1.
+    """
+
+    def test_config_error(self):
+        pop = Pop(self)
+        document = pop.backup()
+        document["role"] = "secondary"
+        path = pop.write("bad.yaml", document)
+        stderr = io.StringIO()
+        daemon = service.service_from_file(path, reactor, stderr)
+        self.assertIn("clavitor-repl: role:", stderr.getvalue())
+        self.assertNotIn(pop.directory, stderr.getvalue())
+        with capturedLogs() as events:
+            exit = self.assertRaises(SystemExit, daemon.privilegedStartService)
+        self.assertEqual(exit.code, 1)
+        [event] = [e for e in events if e["log_level"] == LogLevel.critical]
+        self.assertIn("role", event["public"])
+        self.assertIn(path, event["detail"])
+
+    def test_certificate_error(self):
+        pop = Pop(self)
+        os.remove(pop.pki.pops[demo.BACKUP_POP][0])
+        path = pop.write("backup.yaml", pop.backup())
+        stderr = io.StringIO()
+        daemon = service.service_from_file(path, reactor, stderr)
+        self.assertIn("clavitor-repl: auth.mtls_cert", stderr.getvalue())
+        self.assertNotIn(pop.directory, stderr.getvalue())
+        self.assertRaises(SystemExit, daemon.privilegedStartService)
+
+    def test_good_config(self):
+        pop = Pop(self)
+        path = pop.write("backup.yaml", pop.backup())
+        stderr = io.StringIO()
+        daemon = service.service_from_file(path, reactor, stderr)
+        self.assertEqual(stderr.getvalue(), "")
+        self.assertIsNone(daemon.error)
+        [child] = list(daemon)
+        self.assertIsInstance(child, service.ReplicationService)
+
+
+class ListenFailureTests(TestCase):
+    def test_port_in_use(self):
+        """
+        A backup whose port is taken ends its start with status 1 and a
+        critical log line instead of running without listening.
+        """
+        taken = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        pop = Pop(self)
+        config = as_config(pop.backup(), port=taken.getHost().port)
+        daemon = service.DaemonService()
+        service.make_service(config, reactor, environ={}).setServiceParent(daemon)
+        with capturedLogs() as events:
+            exit = self.assertRaises(SystemExit, daemon.privilegedStartService)
+        self.assertEqual(exit.code, 1)
+        [event] = [e for e in events if e["log_level"] == LogLevel.critical]
+        self.assertEqual(event["port"], taken.getHost().port)
+
+
+class PluginTests(SynchronousTestCase):
+    def plugin(self):
+        [maker] = [
+            p for p in getPlugins(IServiceMaker) if p.tapname == "clavitor-repl"
+        ]
+        return maker
+
+    def test_discovered(self):
+        maker = self.plugin()
+        self.assertTrue(maker.description)
+
+    def test_config_is_required(self):
+        options = self.plugin().options()
+        self.assertRaises(usage.UsageError, options.parseOptions, [])
+
+    def test_make_service(self):
+        pop = Pop(self)
+        path = pop.write("backup.yaml", pop.backup())
+        options = self.plugin().options()
+        options.parseOptions(["--config", path])
+        daemon = self.plugin().makeService(options)
+        self.assertIsInstance(daemon, service.DaemonService)
+        self.assertIsNone(daemon.error)
+
+    def test_import_is_cheap(self):
+        """
+        Importing the plugin module (as every plugin scan does) imports none
+        of our modules.
+        """
+        code = (
+            "import sys, twisted.plugins.clavitor_repl\n"
+            "print(sorted(m for m in sys.modules if m.startswith('clavitor_twisted')))"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(output.strip(), "[]")
+
+    def test_twistd_exits_without_traceback(self):
+        """
+        Under twistd a bad config prints the public error, no traceback and
+        no path, and the process exits with status 1.
+        """
+        pop = Pop(self)
+        document = pop.primary(8443)
+        document["backup_pop"]["url"] = "http://127.0.0.1:8443"
+        path = pop.write("primary.yaml", document)
+        log = os.path.join(pop.directory, "twistd.log")
+        result = subprocess.run(
+            TWISTD
+            + ["--nodaemon", "--pidfile=", "--logfile=" + log, "clavitor-repl", "--config", path],
+            capture_output=True,
+            text=True,
+            cwd=pop.directory,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("clavitor-repl: backup_pop.url:", result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+        self.assertNotIn(pop.directory, result.stderr + result.stdout)
+        with open(log) as f:
+            logged = f.read()
+        self.assertIn("cannot start", logged)
+        self.assertIn(path, logged)
+
+
+def rows(data_dir):
+    vault = Vault.open(vault_path(data_dir, VAULT_ID))
+    try:
+        return [(e.entry_id, e.version, e.deleted, e.data) for e in vault.iter_entries()]
+    finally:
+        vault.close()
+
+
+class ReplicationTests(TestCase):
+    """
+    A backup and a primary, built by make_service, in this process over
+    real loopback TLS.
+    """
+
+    def start(self, config):
+        top = service.make_service(config, reactor, environ={})
+        top.startService()
+        self.addCleanup(top.stopService)
+        return top
+
+    def start_backup(self, pop):
+        backup = self.start(as_config(pop.backup(), port=0))
+        return backup.getServiceNamed("receiver").endpoint.port.getHost().port
+
+    @inlineCallbacks
+    def replicate(self, primary):
+        """
+        Drain the primary until nothing is dirty.
+        """
+        sender = primary.getServiceNamed("sender").sender
+        store = primary.getServiceNamed("vaults").store
+        for _ in range(50):
+            yield sender.drain()
+            backlog = yield store.backlog()
+            if not any(backlog.values()):
+                return
+        self.fail("the primary still has dirty entries: {}".format(backlog))
+
+    @inlineCallbacks
+    def test_changes_reach_the_backup(self):
+        """
+        Entries created, updated and deleted on the primary reach the backup
+        with the same versions, tombstones and data.
+        """
+        pop = Pop(self)
+        port = self.start_backup(pop)
+        vault = open_vault_for_writes(Role.PRIMARY, pop.primary_dir, VAULT_ID)
+        self.addCleanup(vault.close)
+        for i in range(5):
+            vault.put_entry("entry-{}".format(i), os.urandom(100), 1000 + i)
+        primary = self.start(as_config(pop.primary(port, batch_size=2)))
+
+        yield self.replicate(primary)
+        self.assertEqual(rows(pop.backup_dir), rows(pop.primary_dir))
+        self.assertEqual(len(rows(pop.backup_dir)), 5)
+
+        vault.put_entry("entry-1", b"changed", 2000)
+        vault.delete_entry("entry-3", 2001)
+        yield self.replicate(primary)
+        replica = {row[0]: row for row in rows(pop.backup_dir)}
+        self.assertEqual(replica["entry-1"], ("entry-1", 2, False, b"changed"))
+        self.assertEqual(replica["entry-3"], ("entry-3", 2, True, None))
+        self.assertEqual(rows(pop.backup_dir), rows(pop.primary_dir))
+
+    @inlineCallbacks
+    def test_stop_waits_for_the_batch_in_flight(self):
+        """
+        stopService on a primary whose batch is in flight fires only after
+        the backup has answered, and the answered entries are marked
+        replicated instead of being abandoned.
+        """
+        pop = Pop(self)
+        held = HeldBackup()
+        cert, key = pop.pki.pops[demo.BACKUP_POP]
+        options = tls.server_options(
+            tls.load_identity(cert, key), tls.load_ca(pop.pki.ca), True
+        )
+        endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+        port = yield endpoint.listen(Site(held))
+        self.addCleanup(port.stopListening)
+
+        vault = open_vault_for_writes(Role.PRIMARY, pop.primary_dir, VAULT_ID)
+        self.addCleanup(vault.close)
+        vault.put_entry("entry-0", b"secret", 1000)
+        primary = service.make_service(
+            as_config(pop.primary(port.getHost().port)), reactor, environ={}
+        )
+        primary.startService()
+        request = yield held.received
+
+        stopped = primary.stopService()
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertNoResult(stopped)
+        self.assertEqual(vault.count_dirty(), 1)
+
+        held.answer(request)
+        yield stopped
+        self.assertEqual(vault.count_dirty(), 0)
+
+
+class HeldBackup(Resource):
+    """
+    A stand-in backup that holds the first batch until the test answers it
+    as the real backup would.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.received = Deferred()
+
+    def render_POST(self, request):
+        self.received.callback(request)
+        return NOT_DONE_YET
+
+    def answer(self, request):
+        batch = json.loads(request.content.read())
+        request.setHeader(b"Content-Type", b"application/json")
+        request.write(
+            json.dumps(
+                {
+                    "applied": len(batch["entries"]),
+                    "skipped": 0,
+                    "seq": batch["seq"],
+                    "pop_id": demo.BACKUP_POP,
+                    "role": "backup",
+                }
+            ).encode()
+        )
+        request.finish()
