@@ -168,8 +168,10 @@ def _sync_directory(directory: str) -> None:
 
 def _stamp(status: os.stat_result) -> tuple[int, ...]:
     """
-    What identifies one version of a file: replacing, rewriting or chmodding
-    it changes at least one of these.
+    What identifies one version of a file.  Replacing the file (as
+    L{write_token_file} does) or chmodding it always changes the stamp; an
+    in-place rewrite to the same size within one file-timestamp tick may
+    not, and is then picked up at the next change.
     """
     return (
         status.st_dev,
