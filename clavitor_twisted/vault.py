@@ -37,8 +37,9 @@ from twisted.python.threadpool import ThreadPool
 from clavitor_twisted.errors import Conflict, Forbidden, WriteRefused
 from clavitor_twisted.role import Role, require_writable
 
-VAULT_ID_PATTERN = re.compile(r"^[0-9a-f]{16,64}$")
-ENTRY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Always used with fullmatch: "$" would let a trailing newline through.
+VAULT_ID_PATTERN = re.compile(r"[0-9a-f]{16,64}")
+ENTRY_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_VERSION = 2**63 - 1
 
 _FILE_NAME = re.compile(r"clavitor-(.*)\.db", re.DOTALL)
