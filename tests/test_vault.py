@@ -111,10 +111,15 @@ class VaultIdTests(SynchronousTestCase):
 
     def test_patterns(self):
         """
-        The published patterns are the contract's.
+        The published patterns accept exactly the contract's ids, with no
+        trailing newline slipping through.
         """
-        self.assertEqual(VAULT_ID_PATTERN.pattern, r"^[0-9a-f]{16,64}$")
-        self.assertEqual(ENTRY_ID_PATTERN.pattern, r"^[A-Za-z0-9._:-]{1,128}$")
+        self.assertIsNotNone(VAULT_ID_PATTERN.fullmatch("0" * 16))
+        self.assertIsNone(VAULT_ID_PATTERN.fullmatch("0" * 16 + "\n"))
+        self.assertIsNone(VAULT_ID_PATTERN.fullmatch("0" * 65))
+        self.assertIsNotNone(ENTRY_ID_PATTERN.fullmatch("a" * 128))
+        self.assertIsNone(ENTRY_ID_PATTERN.fullmatch("a\n"))
+        self.assertIsNone(ENTRY_ID_PATTERN.fullmatch("a" * 129))
         self.assertEqual(MAX_VERSION, 2**63 - 1)
 
 
