@@ -31,7 +31,7 @@ from clavitor_twisted.role import Role
 from clavitor_twisted.vault import Vault, open_vault_for_writes, vault_path
 
 VAULT_ID = "0123456789abcdef"
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+TWISTD = [sys.executable, *demo.TWISTD]
 
 
 def services(top):
