@@ -1,0 +1,557 @@
+# -*- test-case-name: tests.test_sender -*-
+"""
+The primary's sender: drains dirty vault entries to the backup POP.
+
+A L{LoopingCall} (and L{Sender.wake}) starts a drain; a drain sends freshly
+signed batches back to back until no entry is dirty or an attempt fails.  A
+failure waits on the integer ladder L{BACKOFF_SECONDS} (or a 429's
+C{Retry-After}) and nothing is ever dropped: entries stay dirty on disk until
+a valid C{200} from the configured backup, and are then marked replicated
+only where their version is still the one that was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from io import BytesIO
+import typing
+from typing import Sequence
+
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from clavitor_twisted import protocol, tls
+from clavitor_twisted.config import BackupPop, Config
+from clavitor_twisted.errors import ConfigError
+from clavitor_twisted.role import runs_sender
+from clavitor_twisted.tokens import TokenSource
+from clavitor_twisted.vault import Entry
+
+BACKOFF_SECONDS = (1, 5, 25, 125, 625)
+MAX_RETRY_AFTER = 3600
+MAX_ANSWER_BYTES = 64 * 1024
+
+_RETRY_AFTER = re.compile(rb"[0-9]{1,10}")
+_COUNT_KEYS = ("applied", "skipped", "seq")
+
+
+class Backoff:
+    """
+    Consecutive failures counted on an integer ladder.
+
+    The n-th failure in a row waits C{ladder[n - 1]}; the ladder's last step
+    repeats for ever, and from the C{max_retries}-th failure on the wait is
+    that last step (the backup is treated as down, polled slowly).
+    """
+
+    def __init__(
+        self, max_retries: int, ladder: Sequence[int] = BACKOFF_SECONDS
+    ) -> None:
+        self._max_retries = max_retries
+        self._ladder = tuple(ladder)
+        self.failures = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """
+        True once C{max_retries} failures in a row have happened.
+        """
+        return self.failures >= self._max_retries
+
+    def failure(self) -> int:
+        """
+        Count one more failure; return the seconds to wait before retrying.
+        """
+        self.failures += 1
+        if self.exhausted:
+            return self._ladder[-1]
+        return self._ladder[min(self.failures, len(self._ladder)) - 1]
+
+    def success(self) -> None:
+        self.failures = 0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """
+    The backup's answer to one POST: status, headers and the (capped) body.
+    """
+
+    code: int
+    headers: Headers
+    body: bytes
+
+
+class AnswerTooLarge(Exception):
+    """
+    The backup's answer body exceeded L{MAX_ANSWER_BYTES}.
+    """
+
+
+class DirtyStore(typing.Protocol):
+    """
+    What the sender needs of L{clavitor_twisted.vault.VaultStore}.
+    """
+
+    def dirty_batch(self, max_entries: int, max_bytes: int) -> Deferred[list[Entry]]: ...
+
+    def mark_replicated(self, entries: Sequence[Entry]) -> Deferred[int]: ...
+
+    def primary_epoch(self) -> Deferred[int]: ...
+
+
+class Signer(typing.Protocol):
+    def sign(self, body: bytes) -> bytes: ...
+
+
+class Poster(typing.Protocol):
+    """
+    Sends one signed body to the backup; L{HttpsPoster} is the real one.
+    """
+
+    def __call__(self, body: bytes, headers: dict[bytes, bytes]) -> Deferred[Answer]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+
+class Sender:
+    """
+    The state machine that drains dirty entries to the backup.
+
+    At most one drain runs at a time.  A tick or L{wake} during a drain makes
+    it scan once more before it ends; during a backoff wait, or after
+    L{stop}, it does nothing.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        store: DirtyStore,
+        post: Poster,
+        signer: Signer,
+        clock: IReactorTime,
+        token_source: TokenSource | None = None,
+    ) -> None:
+        if not runs_sender(config.role):
+            raise ConfigError("role: a backup never runs a sender")
+        if config.backup_pop is None:
+            raise ConfigError("backup_pop: required on a primary")
+        if config.auth.method == "bearer" and token_source is None:
+            raise ValueError("bearer mode needs a token source")
+        self._pop_id = config.pop_id
+        self._backup = config.backup_pop
+        self._replication = config.replication
+        self._store = store
+        self._post = post
+        self._signer = signer
+        self._clock = clock
+        self._token_source = (
+            token_source if config.auth.method == "bearer" else None
+        )
+        self._backoff = Backoff(config.replication.max_retries)
+        self._loop = LoopingCall(self.wake)
+        self._loop.clock = clock
+        self._seq = 0
+        self._draining = False
+        self._again = False
+        self._waiters: list[Deferred[None]] = []
+        self._retry: IDelayedCall | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        """
+        Scan now and every C{replication.scan_interval} seconds.
+        """
+        self._stopped = False
+        self._loop.start(self._replication.scan_interval, now=True).addErrback(
+            lambda failure: self.log.failure("replication scan loop died", failure)
+        )
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop scanning and retrying; fire when the batch in flight (if any) has
+        finished and the poster's connections are closed.
+        """
+        self._stopped = True
+        if self._loop.running:
+            self._loop.stop()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        done = self._when_drained() if self._draining else succeed(None)
+        done.addCallback(lambda _: self._post.close())
+        return done
+
+    def wake(self) -> None:
+        """
+        Something may have become dirty: drain now, unless a drain runs (it
+        scans once more before it ends), a backoff wait is pending or the
+        sender is stopped.
+        """
+        if self._draining:
+            self._again = True
+        elif not self._stopped and self._retry is None:
+            self._draining = True
+            self._drain().addErrback(self._crashed).addBoth(self._drained)
+
+    def drain(self) -> Deferred[None]:
+        """
+        L{wake}, then a L{Deferred} that fires (never fails) when the drain
+        has ended: nothing left dirty, an attempt failed, or L{stop}.
+        """
+        self.wake()
+        return self._when_drained() if self._draining else succeed(None)
+
+    def _when_drained(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _drained(self, _: object) -> None:
+        self._draining = False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _crashed(self, failure: Failure) -> None:
+        self.log.failure("replication drain failed unexpectedly", failure)
+        self._wait(self._backoff.failure())
+
+    @inlineCallbacks
+    def _drain(self):
+        while not self._stopped:
+            self._again = False
+            try:
+                entries = yield self._store.dirty_batch(
+                    self._replication.batch_size, self._replication.max_batch_bytes
+                )
+            except Exception:
+                self._failed("store", Failure())
+                return
+            if not entries:
+                if self._again:
+                    continue
+                return
+            sent = yield self._send(entries)
+            if not sent:
+                return
+
+    @inlineCallbacks
+    def _send(self, entries: Sequence[Entry]):
+        """
+        One attempt: sign a new batch, post it, judge the answer, and mark
+        the entries replicated after a valid C{200}.  Fires with True on
+        success; on failure the wait is already scheduled.
+        """
+        try:
+            epoch = yield self._store.primary_epoch()
+        except Exception:
+            self._failed("store", Failure())
+            return False
+        self._seq += 1
+        batch = protocol.new_batch(
+            self._pop_id,
+            self._backup.id,
+            epoch,
+            self._seq,
+            entries,
+            int(self._clock.seconds()),
+        )
+        body = protocol.serialise(batch)
+        headers = {
+            b"Content-Type": b"application/json",
+            protocol.SIGNATURE_HEADER: self._signer.sign(body),
+        }
+        if self._token_source is not None:
+            headers[b"Authorization"] = (
+                b"Bearer " + self._token_source.tokens().current
+            )
+        attempt = maybeDeferred(self._post, body, headers)
+        attempt.addTimeout(
+            self._replication.request_timeout, self._clock, _timed_out
+        )
+        try:
+            answer = yield attempt
+        except Exception:
+            failure = Failure()
+            self._failed(_failure_reason(failure), failure)
+            return False
+        if answer.code == 429:
+            self._failed(
+                "rate_limited", "HTTP 429", _retry_after(answer.headers)
+            )
+            return False
+        if answer.code != 200:
+            self._failed("refused", "HTTP {}".format(answer.code))
+            return False
+        document = _json_object(answer.body)
+        if document is None:
+            self._failed("bad_answer", "200 whose body is not a JSON object")
+            return False
+        if document.get("pop_id") != self._backup.id or document.get("role") != "backup":
+            self._failed(
+                "wrong_backup",
+                "200 from pop_id {} with role {}".format(
+                    ascii(document.get("pop_id"))[:80],
+                    ascii(document.get("role"))[:80],
+                ),
+                critical=True,
+            )
+            return False
+        counts = {key: document.get(key) for key in _COUNT_KEYS}
+        if not all(type(value) is int and value >= 0 for value in counts.values()):
+            self._failed("bad_answer", "200 without applied/skipped/seq counts")
+            return False
+        if counts["seq"] != batch.seq:
+            self._failed("bad_answer", "200 for another seq")
+            return False
+        try:
+            marked = yield self._store.mark_replicated(entries)
+        except Exception:
+            self._failed("store", Failure())
+            return False
+        self._backoff.success()
+        self.log.info(
+            "replicated {count} entries to {backup} (epoch {epoch} seq {seq}):"
+            " {applied} applied, {skipped} skipped, {marked} marked replicated",
+            count=len(entries),
+            backup=self._backup.id,
+            epoch=epoch,
+            seq=batch.seq,
+            applied=counts["applied"],
+            skipped=counts["skipped"],
+            marked=marked,
+        )
+        return True
+
+    def _failed(
+        self,
+        reason: str,
+        error: Failure | str,
+        delay: int | None = None,
+        critical: bool = False,
+    ) -> None:
+        """
+        Count a failed attempt, log it and schedule the retry.
+        """
+        ladder_delay = self._backoff.failure()
+        if delay is None:
+            delay = ladder_delay
+        if isinstance(error, Failure):
+            error = "{}: {}".format(error.type.__name__, error.getErrorMessage())
+        fields = dict(
+            backup=self._backup.id,
+            reason=reason,
+            error=error,
+            failures=self._backoff.failures,
+            delay=delay,
+        )
+        if critical:
+            self.log.critical(
+                "replication answer is not from backup {backup} ({error});"
+                " check backup_pop in the configuration; entries stay dirty;"
+                " retry in {delay} s",
+                **fields,
+            )
+        elif self._backoff.exhausted:
+            self.log.error(
+                "replication to {backup} has failed {failures} times in a row"
+                " ({reason}: {error}); entries stay dirty; retry in {delay} s",
+                **fields,
+            )
+        else:
+            self.log.warn(
+                "replication to {backup} failed ({reason}: {error});"
+                " failure {failures} in a row; retry in {delay} s",
+                **fields,
+            )
+        self._wait(delay)
+
+    def _wait(self, delay: int) -> None:
+        if not self._stopped:
+            self._retry = self._clock.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self.wake()
+
+
+def _timed_out(result: object, timeout: float) -> Failure:
+    return Failure(defer.TimeoutError("no complete answer within {} s".format(timeout)))
+
+
+def _failure_reason(failure: Failure) -> str:
+    """
+    One word for the log: why a request produced no answer.
+    """
+    if failure.check(defer.TimeoutError):
+        return "timeout"
+    if failure.check(AnswerTooLarge):
+        return "answer_too_large"
+    nested = [failure, *getattr(failure.value, "reasons", ())]
+    if any(reason.check(SSL.Error) for reason in nested):
+        return "tls"
+    if failure.check(ConnectError):
+        return "connection"
+    return "request"
+
+
+def _retry_after(headers: Headers) -> int | None:
+    """
+    A single integer C{Retry-After}, at least 1 and capped at
+    L{MAX_RETRY_AFTER}; None (use the ladder) for anything else.
+    """
+    values = headers.getRawHeaders(b"retry-after")
+    if values is None or len(values) != 1:
+        return None
+    value = values[0].strip(b" \t")
+    if _RETRY_AFTER.fullmatch(value) is None:
+        return None
+    return min(max(int(value), 1), MAX_RETRY_AFTER)
+
+
+def _json_object(body: bytes) -> dict | None:
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+class _CappedBody(Protocol):
+    """
+    Collects a response body of at most C{limit} bytes; a longer one stops
+    the connection and fails with L{AnswerTooLarge}.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self.finished: Deferred[bytes] = Deferred(self._cancel)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._finish(
+                Failure(AnswerTooLarge("answer over {} bytes".format(self._limit)))
+            )
+            self.transport.stopProducing()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if reason.check(ResponseDone):
+            self._finish(b"".join(self._chunks))
+        else:
+            self._finish(reason)
+
+    def _finish(self, result: bytes | Failure) -> None:
+        if self._done:
+            return
+        self._done = True
+        if isinstance(result, Failure):
+            self.finished.errback(result)
+        else:
+            self.finished.callback(result)
+
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        self._done = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+class HttpsPoster:
+    """
+    POSTs a signed batch to the backup's apply endpoint over TLS 1.3, on one
+    persistent connection, verifying the backup with C{policy}.
+
+    C{timeout} bounds the TCP connect; the L{Sender} bounds the whole request.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        policy: tls.BackupPolicy,
+        backup: BackupPop,
+        timeout: int,
+    ) -> None:
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 1
+        self._pool.retryAutomatically = False
+        self._agent = Agent(
+            reactor, contextFactory=policy, connectTimeout=timeout, pool=self._pool
+        )
+        self._url = backup.url.encode("ascii") + protocol.APPLY_PATH
+
+    def __call__(self, body: bytes, headers: dict[bytes, bytes]) -> Deferred[Answer]:
+        requested = self._agent.request(
+            b"POST",
+            self._url,
+            Headers({name: [value] for name, value in headers.items()}),
+            FileBodyProducer(BytesIO(body)),
+        )
+        return requested.addCallback(_read_answer)
+
+    def close(self) -> Deferred[None]:
+        return self._pool.closeCachedConnections()
+
+
+def _read_answer(response: IResponse) -> Deferred[Answer]:
+    body = _CappedBody(MAX_ANSWER_BYTES)
+    response.deliverBody(body)
+    return body.finished.addCallback(
+        lambda data: Answer(response.code, response.headers, data)
+    )
+
+
+def make_sender(
+    config: Config, store: DirtyStore, reactor, token_source: TokenSource | None
+) -> Sender:
+    """
+    The primary's sender over the real network: in mtls mode it signs with
+    the POP's key and presents its certificate; in bearer mode it signs with
+    the token (HMAC) and sends it as C{Authorization}.  The backup is always
+    verified against C{auth.mtls_ca} and the host of C{backup_pop.url}.
+    """
+    if config.backup_pop is None:
+        raise ConfigError("backup_pop: required on a primary")
+    ca = tls.load_ca(config.auth.mtls_ca)
+    if config.auth.method == "mtls":
+        identity = tls.load_identity(config.auth.mtls_cert, config.auth.mtls_key)
+        signer = protocol.CertificateSigner(identity.private_key)
+        client_identity = identity
+    else:
+        if token_source is None:
+            raise ConfigError("auth.token_file: bearer mode needs the token file")
+        signer = protocol.HmacSigner(token_source)
+        client_identity = None
+    poster = HttpsPoster(
+        reactor,
+        tls.BackupPolicy(ca, client_identity),
+        config.backup_pop,
+        config.replication.request_timeout,
+    )
+    return Sender(config, store, poster, signer, reactor, token_source)

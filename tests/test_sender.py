@@ -1,0 +1,624 @@
+"""
+Tests for L{clavitor_twisted.sender}: the backoff ladder and the drain state
+machine driven by L{Clock} against an in-memory store and a scripted
+backup, the lost-update guard against the real L{VaultStore}, and
+L{HttpsPoster} over real loopback TLS.
+"""
+
+import json
+import os
+from dataclasses import replace
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from clavitor_twisted import pki, protocol, tls
+from clavitor_twisted.config import (
+    AuthConfig,
+    BackupPop,
+    Config,
+    ReplicationConfig,
+    SecurityConfig,
+)
+from clavitor_twisted.errors import ConfigError
+from clavitor_twisted.role import Role
+from clavitor_twisted.sender import (
+    BACKOFF_SECONDS,
+    MAX_ANSWER_BYTES,
+    Answer,
+    Backoff,
+    HttpsPoster,
+    Sender,
+    make_sender,
+)
+from clavitor_twisted.tokens import TokenSet, generate_token
+from clavitor_twisted.vault import Entry, Vault, VaultStore, vault_path
+
+VAULT = "0123456789abcdef"
+OTHER_VAULT = "fedcba9876543210"
+MiB = 1024 * 1024
+PRIMARY = "calgary-01"
+BACKUP = "zurich-01"
+
+
+def make_config(
+    method="mtls", url="https://zurich-01.example:8443", pki_dir="/etc/clavitor", **replication
+):
+    """
+    A primary's config sending to L{BACKUP} at C{url}.
+    """
+    host, port = url[len("https://") :].rsplit(":", 1)
+    return Config(
+        pop_id=PRIMARY,
+        region="north-america",
+        role=Role.PRIMARY,
+        data_dir="/var/lib/clavitor",
+        auth=AuthConfig(
+            method=method,
+            mtls_cert=os.path.join(pki_dir, PRIMARY + ".crt"),
+            mtls_key=os.path.join(pki_dir, PRIMARY + ".key"),
+            mtls_ca=os.path.join(pki_dir, "ca.crt"),
+            token_file="/etc/clavitor/token" if method == "bearer" else None,
+        ),
+        replication=ReplicationConfig(**replication),
+        security=SecurityConfig(),
+        backup_pop=BackupPop(BACKUP, url, host, int(port)),
+        listen=None,
+        authorized_pops=(),
+    )
+
+
+class MemoryStore:
+    """
+    An in-memory store with the vault contract's version guard.
+    """
+
+    def __init__(self):
+        self.rows = {}
+        self.dirty = set()
+        self.epoch = 1
+
+    def write(self, vault_id, entry_id, data=b"secret"):
+        key = (vault_id, entry_id)
+        old = self.rows.get(key)
+        version = 1 if old is None else old.version + 1
+        self.rows[key] = Entry(vault_id, entry_id, version, 1000 * version, False, data)
+        self.dirty.add(key)
+
+    def fill(self, count):
+        for n in range(count):
+            self.write(VAULT, "entry-{:05d}".format(n))
+
+    def dirty_batch(self, max_entries, max_bytes):
+        return succeed([self.rows[key] for key in sorted(self.dirty)[:max_entries]])
+
+    def mark_replicated(self, entries):
+        cleared = 0
+        for entry in entries:
+            key = (entry.vault_id, entry.entry_id)
+            if key in self.dirty and self.rows[key].version == entry.version:
+                self.dirty.discard(key)
+                cleared += 1
+        return succeed(cleared)
+
+    def primary_epoch(self):
+        return succeed(self.epoch)
+
+
+class ScriptedBackup:
+    """
+    A poster whose answers come from C{answer(batch)} (an L{Answer} or a
+    L{Deferred}); it records every request.
+    """
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests = []
+        self.closed = False
+
+    def __call__(self, body, headers):
+        batch = protocol.parse_batch(body, MiB)
+        self.requests.append((body, headers, batch))
+        return maybeDeferred(self.answer, batch)
+
+    def close(self):
+        self.closed = True
+        return succeed(None)
+
+    def batches(self):
+        return [batch for _, _, batch in self.requests]
+
+
+def accepted(batch, pop_id=BACKUP, role="backup", **changes):
+    document = {
+        "applied": len(batch.entries),
+        "skipped": 0,
+        "seq": batch.seq,
+        "pop_id": pop_id,
+        "role": role,
+    }
+    document.update(changes)
+    return Answer(200, Headers(), json.dumps(document).encode("utf-8"))
+
+
+def answering(code, body=b'{"error": "unavailable"}', **headers):
+    raw = Headers({name.replace("_", "-").encode(): [value] for name, value in headers.items()})
+    return lambda batch: Answer(code, raw, body)
+
+
+class Held:
+    """
+    An answer the test gives later: each request gets a pending Deferred.
+    """
+
+    def __init__(self):
+        self.pending = []
+        self.cancelled = []
+
+    def __call__(self, batch):
+        d = Deferred(lambda d: self.cancelled.append(batch))
+        self.pending.append((batch, d))
+        return d
+
+    def accept(self):
+        batch, d = self.pending.pop(0)
+        d.callback(accepted(batch))
+
+
+class StaticTokens:
+    def __init__(self):
+        self.set = TokenSet(generate_token())
+
+    def tokens(self):
+        return self.set
+
+
+_ca_key, _ca_cert = pki.make_ca()
+_key, _cert = pki.make_pop_certificate(_ca_key, _ca_cert, PRIMARY)
+SIGNER = protocol.CertificateSigner(_key)
+
+
+class BackoffTests(SynchronousTestCase):
+    def test_ladder(self):
+        """
+        The n-th failure in a row waits the n-th step; the last repeats.
+        """
+        backoff = Backoff(max_retries=5)
+        delays = [backoff.failure() for _ in range(8)]
+        self.assertEqual(delays, [1, 5, 25, 125, 625, 625, 625, 625])
+        self.assertTrue(all(type(delay) is int for delay in delays))
+        self.assertEqual(backoff.failures, 8)
+        self.assertEqual(BACKOFF_SECONDS, (1, 5, 25, 125, 625))
+
+    def test_success_resets(self):
+        backoff = Backoff(max_retries=5)
+        backoff.failure()
+        backoff.failure()
+        backoff.success()
+        self.assertEqual(backoff.failures, 0)
+        self.assertEqual(backoff.failure(), 1)
+
+    def test_exhausted_waits_last_step(self):
+        """
+        From the C{max_retries}-th failure on, the wait is the last step.
+        """
+        backoff = Backoff(max_retries=2)
+        self.assertEqual(backoff.failure(), 1)
+        self.assertFalse(backoff.exhausted)
+        self.assertEqual(backoff.failure(), 625)
+        self.assertTrue(backoff.exhausted)
+        self.assertEqual(backoff.failure(), 625)
+
+
+class SenderTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.store = MemoryStore()
+        self.events = []
+
+    def make(self, answer, config=None, token_source=None, signer=SIGNER):
+        self.backup = ScriptedBackup(answer)
+        sender = Sender(
+            config or make_config(), self.store, self.backup, signer, self.clock, token_source
+        )
+        sender.log = Logger(observer=self.events.append)
+        return sender
+
+    def posts(self):
+        return len(self.backup.requests)
+
+    def levels(self):
+        return [event["log_level"] for event in self.events]
+
+    def assertWaits(self, delay):
+        """
+        The next post comes exactly C{delay} seconds from now.
+        """
+        before = self.posts()
+        self.clock.advance(delay - 1)
+        self.assertEqual(self.posts(), before)
+        self.clock.advance(1)
+        self.assertEqual(self.posts(), before + 1)
+
+    def test_eight_failures(self):
+        """
+        Eight failures in a row wait 1, 5, 25, 125, 625, 625, 625, 625 s, and
+        the scan ticks in between send nothing.
+        """
+        self.store.write(VAULT, "e1")
+        sender = self.make(answering(503))
+        sender.start()
+        self.assertEqual(self.posts(), 1)
+        for delay in (1, 5, 25, 125, 625, 625, 625, 625):
+            self.assertWaits(delay)
+        self.assertEqual(self.store.dirty, {(VAULT, "e1")})
+
+    def test_success_resets_ladder(self):
+        results = [answering(500), answering(500), accepted, answering(500), accepted]
+        self.store.write(VAULT, "e1")
+        sender = self.make(lambda batch: results.pop(0)(batch))
+        sender.start()
+        self.assertWaits(1)
+        self.assertWaits(5)
+        self.assertEqual(self.store.dirty, set())
+        self.store.write(VAULT, "e2")
+        sender.wake()
+        self.assertEqual(self.posts(), 4)
+        self.assertWaits(1)
+        self.assertEqual(self.store.dirty, set())
+
+    def test_error_after_max_retries(self):
+        """
+        After C{max_retries} failures in a row an error is logged, the
+        entries stay dirty and retries go on; a later success sends them.
+        """
+        self.store.write(VAULT, "e1")
+        answers = [answering(503)] * 7 + [accepted]
+        sender = self.make(lambda batch: answers.pop(0)(batch), make_config(max_retries=3))
+        sender.start()
+        self.assertEqual(self.levels(), [LogLevel.warn])
+        self.assertWaits(1)
+        self.assertWaits(5)
+        self.assertEqual(self.levels(), [LogLevel.warn, LogLevel.warn, LogLevel.error])
+        error = self.events[-1]
+        self.assertEqual((error["failures"], error["reason"], error["delay"]), (3, "refused", 625))
+        for _ in range(4):
+            self.assertWaits(625)
+        self.assertEqual(self.levels()[3:], [LogLevel.error] * 4)
+        self.assertEqual(self.store.dirty, {(VAULT, "e1")})
+        self.assertWaits(625)
+        self.assertEqual(self.store.dirty, set())
+        self.assertEqual(self.levels()[-1], LogLevel.info)
+
+    def test_retry_after(self):
+        """
+        A 429 waits its C{Retry-After} (at least 1, at most 3600 s); any
+        other value falls back to the ladder.
+        """
+        cases = [(b"soon", 1), (b"Fri, 31 Dec 1999 23:59:59 GMT", 5), (b"-5", 25),
+                 (b"1e3", 125), (b"30", 30), (b" 7 ", 7), (b"99999", 3600), (b"0", 1)]
+        answers = [answering(429, retry_after=value) for value, _ in cases]
+        self.store.write(VAULT, "e1")
+        self.make(lambda batch: answers.pop(0)(batch), make_config(max_retries=100)).start()
+        for _, delay in cases:
+            self.assertWaits(delay)
+        self.assertEqual(self.store.dirty, {(VAULT, "e1")})
+
+    def test_two_retry_after_headers(self):
+        self.store.write(VAULT, "e1")
+        self.make(lambda batch: Answer(429, Headers({b"retry-after": [b"30", b"40"]}), b"")).start()
+        self.assertWaits(1)
+
+    def test_backlog_back_to_back(self):
+        """
+        One tick drains a 1,000-entry backlog in ten batches of 100.
+        """
+        self.store.fill(1000)
+        self.make(accepted, make_config(batch_size=100)).start()
+        self.assertEqual(self.posts(), 10)
+        batches = self.backup.batches()
+        self.assertEqual([len(batch.entries) for batch in batches], [100] * 10)
+        self.assertEqual([batch.seq for batch in batches], list(range(1, 11)))
+        self.assertEqual(self.store.dirty, set())
+        sent = [entry.entry_id for batch in batches for entry in batch.entries]
+        self.assertEqual(len(set(sent)), 1000)
+
+    def test_batch_contents(self):
+        """
+        A batch carries our pop id, the backup's, the store's epoch, and the
+        entries as stored, tombstones included.
+        """
+        self.store.epoch = 7
+        self.store.write(VAULT, "e1", b"\x00\xff")
+        self.store.rows[(OTHER_VAULT, "gone")] = Entry(OTHER_VAULT, "gone", 3, 5, True, None)
+        self.store.dirty.add((OTHER_VAULT, "gone"))
+        self.clock.advance(1_700_000_000)
+        self.make(accepted).start()
+        (body, headers, batch), = self.backup.requests
+        self.assertEqual(
+            (batch.source_pop, batch.target_pop, batch.epoch, batch.seq, batch.timestamp),
+            (PRIMARY, BACKUP, 7, 1, 1_700_000_000),
+        )
+        self.assertEqual(set(batch.entries), set(self.store.rows.values()))
+        self.assertEqual(headers[b"Content-Type"], b"application/json")
+        self.assertNotIn(b"Authorization", headers)
+
+    def test_each_attempt_signed_afresh(self):
+        """
+        A retry is a new batch: new nonce, current timestamp, next seq, and a
+        signature over its own body.
+        """
+        answers = [answering(503), accepted]
+        self.store.write(VAULT, "e1")
+        self.make(lambda batch: answers.pop(0)(batch)).start()
+        self.assertWaits(1)
+        (body1, headers1, first), (body2, headers2, second) = self.backup.requests
+        self.assertNotEqual(first.nonce, second.nonce)
+        self.assertEqual((first.timestamp, second.timestamp), (0, 1))
+        self.assertEqual((first.seq, second.seq), (1, 2))
+        self.assertEqual(first.entries, second.entries)
+        for body, headers in ((body1, headers1), (body2, headers2)):
+            protocol.verify_certificate_signature(
+                headers[protocol.SIGNATURE_HEADER], body, _cert.public_key()
+            )
+        self.assertNotEqual(
+            headers1[protocol.SIGNATURE_HEADER], headers2[protocol.SIGNATURE_HEADER]
+        )
+
+    def test_bearer(self):
+        """
+        In bearer mode each attempt carries the current token and is signed
+        with it; a rotated token is used from the next attempt on, and no
+        token reaches the log.
+        """
+        tokens = StaticTokens()
+        first_token = tokens.set.current
+        answers = [answering(401), accepted]
+        self.store.write(VAULT, "e1")
+        sender = self.make(
+            lambda batch: answers.pop(0)(batch),
+            make_config(method="bearer"),
+            token_source=tokens,
+            signer=protocol.HmacSigner(tokens),
+        )
+        sender.start()
+        tokens.set = TokenSet(generate_token(), first_token)
+        self.assertWaits(1)
+        (body1, headers1, _), (body2, headers2, _) = self.backup.requests
+        self.assertEqual(headers1[b"Authorization"], b"Bearer " + first_token)
+        self.assertEqual(headers2[b"Authorization"], b"Bearer " + tokens.set.current)
+        protocol.verify_hmac_signature(
+            headers1[protocol.SIGNATURE_HEADER], body1, TokenSet(first_token)
+        )
+        protocol.verify_hmac_signature(
+            headers2[protocol.SIGNATURE_HEADER], body2, TokenSet(tokens.set.current)
+        )
+        logged = repr(self.events) + "".join(formatEvent(event) for event in self.events)
+        for token in tokens.set.all():
+            self.assertNotIn(token.decode(), logged)
+
+    def test_bearer_needs_token_source(self):
+        self.assertRaises(
+            ValueError,
+            Sender, make_config(method="bearer"), self.store, ScriptedBackup(accepted),
+            SIGNER, self.clock,
+        )
+
+    def test_backup_never_sends(self):
+        config = replace(make_config(), role=Role.BACKUP)
+        self.assertRaises(
+            ConfigError, Sender, config, self.store, ScriptedBackup(accepted), SIGNER, self.clock
+        )
+
+    def test_nothing_marked_without_valid_200(self):
+        """
+        Non-200 answers and 200s that are malformed, for another seq, or from
+        anything but the configured backup leave every entry dirty.
+        """
+        bad = [
+            ("refused", answering(401)),
+            ("refused", answering(403)),
+            ("refused", answering(409)),
+            ("refused", answering(500)),
+            ("refused", answering(201)),
+            ("wrong_backup", lambda batch: accepted(batch, pop_id="geneva-01")),
+            ("wrong_backup", lambda batch: accepted(batch, role="primary")),
+            ("wrong_backup", lambda batch: accepted(batch, pop_id=None)),
+            ("bad_answer", answering(200, b"not json")),
+            ("bad_answer", answering(200, b"[" * 60000 + b"]" * 60000)),
+            ("bad_answer", answering(200, b"\xff\xfe")),
+            ("bad_answer", answering(200, b'["zurich-01"]')),
+            ("bad_answer", lambda batch: accepted(batch, seq=batch.seq + 1)),
+            ("bad_answer", lambda batch: accepted(batch, applied=True)),
+            ("bad_answer", lambda batch: accepted(batch, skipped=-1)),
+            ("bad_answer", lambda batch: accepted(batch, applied="3")),
+        ]
+        self.store.write(VAULT, "e1")
+        self.store.write(OTHER_VAULT, "e2")
+        answers = [answer for _, answer in bad]
+        self.make(lambda batch: answers.pop(0)(batch), make_config(max_retries=100)).start()
+        for delay in BACKOFF_SECONDS + (625,) * (len(bad) - len(BACKOFF_SECONDS) - 1):
+            self.assertWaits(delay)
+        self.assertEqual(self.posts(), len(bad))
+        self.assertEqual(self.store.dirty, {(VAULT, "e1"), (OTHER_VAULT, "e2")})
+        self.assertEqual([event["reason"] for event in self.events], [r for r, _ in bad])
+        for event in self.events:
+            expected = LogLevel.critical if event["reason"] == "wrong_backup" else LogLevel.warn
+            self.assertEqual(event["log_level"], expected)
+
+    def test_timeout_cancels_hung_post(self):
+        """
+        A post with no answer after C{request_timeout} is cancelled, logged
+        as a timeout and retried on the ladder.
+        """
+        held = Held()
+        self.store.write(VAULT, "e1")
+        self.make(held, make_config(request_timeout=30)).start()
+        self.clock.advance(29)
+        self.assertEqual(held.cancelled, [])
+        self.clock.advance(1)
+        self.assertEqual(len(held.cancelled), 1)
+        self.assertEqual(self.events[-1]["reason"], "timeout")
+        self.assertWaits(1)
+        self.assertEqual(self.store.dirty, {(VAULT, "e1")})
+
+    def test_tick_during_drain(self):
+        """
+        Scan ticks while a batch is in flight start nothing.
+        """
+        held = Held()
+        self.store.write(VAULT, "e1")
+        self.make(held, make_config(scan_interval=5, request_timeout=60)).start()
+        self.clock.advance(5)
+        self.clock.advance(5)
+        self.assertEqual(self.posts(), 1)
+        held.accept()
+        self.assertEqual(self.store.dirty, set())
+
+    def test_wake_during_scan_rescans(self):
+        """
+        A wake that arrives while the store is being scanned makes the drain
+        scan again instead of ending on a stale empty answer.
+        """
+        scans = []
+        self.store.dirty_batch = lambda n, size: scans.append(Deferred()) or scans[-1]
+        sender = self.make(accepted)
+        done = sender.drain()
+        sender.wake()
+        scans[0].callback([])
+        self.assertEqual(len(scans), 2)
+        self.assertNoResult(done)
+        scans[1].callback([])
+        self.assertIsNone(self.successResultOf(done))
+
+    def test_store_failure_backs_off(self):
+        """
+        A store that fails is retried on the ladder; drain() still succeeds.
+        """
+        calls = []
+
+        def broken(n, size):
+            calls.append(n)
+            return maybeDeferred(lambda: 1 / 0)
+
+        self.store.dirty_batch = broken
+        sender = self.make(accepted)
+        self.assertIsNone(self.successResultOf(sender.drain()))
+        self.assertEqual(self.events[-1]["reason"], "store")
+        self.clock.advance(1)
+        self.assertEqual(len(calls), 2)
+
+    def test_wake_during_backoff(self):
+        self.store.write(VAULT, "e1")
+        sender = self.make(answering(503))
+        sender.start()
+        sender.wake()
+        self.assertIsNone(self.successResultOf(sender.drain()))
+        self.assertEqual(self.posts(), 1)
+
+    def test_stop_waits_for_batch_in_flight(self):
+        """
+        stop() fires only after the batch in flight has been answered (and
+        marked); no batch starts after it, though a backlog remains.
+        """
+        held = Held()
+        self.store.fill(150)
+        sender = self.make(held, make_config(batch_size=100))
+        sender.start()
+        stopped = sender.stop()
+        self.assertNoResult(stopped)
+        self.assertFalse(self.backup.closed)
+        held.accept()
+        self.successResultOf(stopped)
+        self.assertTrue(self.backup.closed)
+        self.assertEqual(self.posts(), 1)
+        self.assertEqual(len(self.store.dirty), 50)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        sender.wake()
+        self.assertEqual(self.posts(), 1)
+
+    def test_stop_during_failure(self):
+        """
+        A batch that fails after stop() schedules no retry.
+        """
+        held = Held()
+        self.store.write(VAULT, "e1")
+        sender = self.make(held)
+        sender.start()
+        stopped = sender.stop()
+        batch, d = held.pending.pop()
+        d.callback(answering(503)(batch))
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_cancels_backoff(self):
+        self.store.write(VAULT, "e1")
+        sender = self.make(answering(503))
+        sender.start()
+        self.successResultOf(sender.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10_000)
+        self.assertEqual(self.posts(), 1)
+
+
+class LostUpdateTests(TestCase):
+    """
+    The version guard, against the real L{VaultStore}.
+    """
+
+    timeout = 10
+
+    def setUp(self):
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir)
+        pool = ThreadPool(minthreads=1, maxthreads=1, name="test-vaults")
+        pool.start()
+        self.addCleanup(pool.stop)
+        self.store = VaultStore(self.data_dir, pool, reactor)
+        self.addCleanup(self.store.close)
+        self.vault = Vault.open(vault_path(self.data_dir, VAULT), create=True)
+        self.addCleanup(self.vault.close)
+
+    @inlineCallbacks
+    def test_write_during_flight_stays_dirty(self):
+        """
+        An entry sent at v1 and changed to v2 before the 200 arrives stays
+        dirty, and the next batch sends v2.
+        """
+        self.vault.put_entry("e1", b"one", now_ms=1)
+        posted = []
+
+        def answer(batch):
+            d = Deferred()
+            posted.append((batch, d))
+            arrived.callback(None)
+            return d
+
+        backup = ScriptedBackup(answer)
+        sender = Sender(make_config(), self.store, backup, SIGNER, Clock())
+        sender.log = Logger(observer=lambda event: None)
+        arrived = Deferred()
+        done = sender.drain()
+        yield arrived
+        first, reply = posted[0]
+        self.assertEqual([(e.entry_id, e.version) for e in first.entries], [("e1", 1)])
+        self.vault.put_entry("e1", b"two", now_ms=2)
+        arrived = Deferred()
+        reply.callback(accepted(first))
+        yield arrived
+        second, reply = posted[1]
+        self.assertEqual([(e.entry_id, e.version, e.data) for e in second.entries],
+                         [("e1", 2, b"two")])
+        self.assertEqual(self.vault.count_dirty(), 1)
+        reply.callback(accepted(second))
+        yield done
+        self.assertEqual(self.vault.count_dirty(), 0)
