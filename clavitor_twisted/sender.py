@@ -20,6 +20,7 @@ import typing
 from typing import Sequence
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import ConnectError
@@ -408,7 +409,7 @@ def _failure_reason(failure: Failure) -> str:
     if failure.check(AnswerTooLarge):
         return "answer_too_large"
     nested = [failure, *getattr(failure.value, "reasons", ())]
-    if any(reason.check(SSL.Error) for reason in nested):
+    if any(reason.check(SSL.Error, VerificationError) for reason in nested):
         return "tls"
     if failure.check(ConnectError):
         return "connection"
@@ -439,46 +440,42 @@ def _json_object(body: bytes) -> dict | None:
 
 class _CappedBody(Protocol):
     """
-    Collects a response body of at most C{limit} bytes; a longer one stops
-    the connection and fails with L{AnswerTooLarge}.
+    Collects a response body of at most C{limit} bytes.  A longer one stops
+    the connection and fails with L{AnswerTooLarge} once the response has
+    ended, so the connection pool has settled before the sender moves on.
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._chunks: list[bytes] = []
         self._size = 0
-        self._done = False
+        self._cancelled = False
         self.finished: Deferred[bytes] = Deferred(self._cancel)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._done:
+        if self._size > self._limit or self._cancelled:
             return
         self._size += len(data)
         if self._size > self._limit:
-            self._finish(
-                Failure(AnswerTooLarge("answer over {} bytes".format(self._limit)))
-            )
+            self._chunks = []
             self.transport.stopProducing()
-            return
-        self._chunks.append(data)
+        else:
+            self._chunks.append(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
-        if reason.check(ResponseDone):
-            self._finish(b"".join(self._chunks))
-        else:
-            self._finish(reason)
-
-    def _finish(self, result: bytes | Failure) -> None:
-        if self._done:
+        if self._cancelled:
             return
-        self._done = True
-        if isinstance(result, Failure):
-            self.finished.errback(result)
+        if self._size > self._limit:
+            self.finished.errback(
+                AnswerTooLarge("answer over {} bytes".format(self._limit))
+            )
+        elif reason.check(ResponseDone):
+            self.finished.callback(b"".join(self._chunks))
         else:
-            self.finished.callback(result)
+            self.finished.errback(reason)
 
     def _cancel(self, _: Deferred[bytes]) -> None:
-        self._done = True
+        self._cancelled = True
         if self.transport is not None:
             self.transport.stopProducing()
 

@@ -622,3 +622,243 @@ class LostUpdateTests(TestCase):
         reply.callback(accepted(second))
         yield done
         self.assertEqual(self.vault.count_dirty(), 0)
+
+
+class _Connections(WrappingFactory):
+    """
+    The backup's site, wrapped to count connections and to tell the test
+    when the server side has none open any more.
+    """
+
+    def __init__(self, wrapped):
+        super().__init__(wrapped)
+        self.built = 0
+        self.waiting = []
+
+    def buildProtocol(self, addr):
+        self.built += 1
+        return super().buildProtocol(addr)
+
+    def all_lost(self):
+        if not self.protocols:
+            return succeed(None)
+        d = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def unregisterProtocol(self, p):
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiting, self.waiting = self.waiting, []
+            for d in waiting:
+                d.callback(None)
+
+
+class RecordingBackup(Resource):
+    """
+    A stand-in backup: records each request it gets and answers with
+    C{respond(request, batch)}, which returns bytes or NOT_DONE_YET.
+    """
+
+    isLeaf = True
+
+    def __init__(self, respond):
+        super().__init__()
+        self.respond = respond
+        self.requests = []
+
+    def render_POST(self, request):
+        body = request.content.read()
+        batch = protocol.parse_batch(body, MiB)
+        peer = tls.peer_certificate(request.channel.transport)
+        self.requests.append((request.uri, request.requestHeaders, body, batch, peer))
+        return self.respond(request, batch)
+
+
+def valid_answer(request, batch):
+    request.setHeader(b"content-type", b"application/json")
+    return accepted(batch).body
+
+
+class HttpsPosterTests(TestCase):
+    """
+    L{make_sender}'s L{HttpsPoster} against a backup over real loopback TLS.
+    """
+
+    timeout = 20
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.ca_key, self.ca_cert = pki.make_ca()
+        pki.write_certificate(os.path.join(self.directory, "ca.crt"), self.ca_cert)
+        self.primary_cert, _ = pki.write_pop_files(
+            self.directory, self.ca_key, self.ca_cert, PRIMARY
+        )
+        self.store = MemoryStore()
+        self.events = []
+
+    @inlineCallbacks
+    def serve(self, respond, ips=("127.0.0.1",), hosts=(), ca=None, client_certificate=True):
+        """
+        Listen on 127.0.0.1 as the backup with a certificate for C{hosts}
+        and C{ips}, signed by C{ca} (our CA unless given).
+        """
+        ca_key, ca_cert = ca or (self.ca_key, self.ca_cert)
+        backup_dir = os.path.join(self.directory, "backup-{}".format(len(os.listdir(self.directory))))
+        os.makedirs(backup_dir)
+        cert_path, key_path = pki.write_pop_files(
+            backup_dir, ca_key, ca_cert, BACKUP, hosts=hosts, ips=ips
+        )
+        self.recorder = RecordingBackup(respond)
+        self.connections = _Connections(Site(self.recorder))
+        options = tls.server_options(
+            tls.load_identity(cert_path, key_path),
+            tls.load_ca(os.path.join(self.directory, "ca.crt")),
+            require_client_certificate=client_certificate,
+        )
+        port = yield SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(
+            self.connections
+        )
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.connections.all_lost)
+        return port.getHost().port
+
+    def sender(self, port, method="mtls", token_source=None, **replication):
+        config = make_config(
+            method, "https://127.0.0.1:{}".format(port), self.directory, **replication
+        )
+        sender = make_sender(config, self.store, reactor, token_source)
+        sender.log = Logger(observer=self.events.append)
+        self.addCleanup(sender.stop)
+        return sender
+
+    @inlineCallbacks
+    def test_delivers_signed_batches(self):
+        """
+        Batches go to the apply path as JSON, signed with the primary's key,
+        over one persistent connection that presents the primary's
+        certificate; after the valid 200s nothing is dirty.
+        """
+        port = yield self.serve(valid_answer)
+        self.store.fill(3)
+        yield self.sender(port, batch_size=2).drain()
+        self.assertEqual(self.store.dirty, set())
+        self.assertEqual(len(self.recorder.requests), 2)
+        primary_cert = tls.load_identity(
+            self.primary_cert, self.primary_cert[: -len(".crt")] + ".key"
+        ).certificate
+        for uri, headers, body, batch, peer in self.recorder.requests:
+            self.assertEqual(uri, protocol.APPLY_PATH)
+            self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+            self.assertIsNone(headers.getRawHeaders(b"authorization"))
+            protocol.verify_certificate_signature(
+                headers.getRawHeaders(protocol.SIGNATURE_HEADER)[0], body, primary_cert.public_key()
+            )
+            self.assertEqual(peer, primary_cert)
+        self.assertEqual(self.connections.built, 1)
+
+    @inlineCallbacks
+    def test_bearer(self):
+        """
+        In bearer mode no client certificate is presented and the token
+        travels as C{Authorization: Bearer}.
+        """
+        port = yield self.serve(valid_answer, client_certificate=False)
+        tokens = StaticTokens()
+        self.store.fill(1)
+        yield self.sender(port, "bearer", tokens).drain()
+        self.assertEqual(self.store.dirty, set())
+        (_, headers, body, _, peer), = self.recorder.requests
+        self.assertIsNone(peer)
+        self.assertEqual(
+            headers.getRawHeaders(b"authorization"), [b"Bearer " + tokens.set.current]
+        )
+        protocol.verify_hmac_signature(
+            headers.getRawHeaders(protocol.SIGNATURE_HEADER)[0], body, tokens.set
+        )
+
+    @inlineCallbacks
+    def assertSendsNothing(self, port):
+        self.store.fill(2)
+        yield self.sender(port).drain()
+        self.assertEqual(self.recorder.requests, [])
+        self.assertEqual(len(self.store.dirty), 2)
+        (event,) = self.events
+        self.assertEqual((event["reason"], event["delay"]), ("tls", 1))
+
+    def test_backup_names_another_host(self):
+        """
+        A backup whose certificate (from our CA) names other hosts but not
+        the one in backup_pop.url gets no request.
+        """
+        d = self.serve(valid_answer, ips=(), hosts=("other.example", "localhost"))
+        return d.addCallback(self.assertSendsNothing)
+
+    def test_backup_from_another_ca(self):
+        """
+        A backup with a certificate for the right address from another CA
+        gets no request.
+        """
+        d = self.serve(valid_answer, ca=pki.make_ca("stranger CA"))
+        return d.addCallback(self.assertSendsNothing)
+
+    @inlineCallbacks
+    def test_answer_too_large(self):
+        """
+        An answer body over the cap is cut off and fails the attempt.
+        """
+        port = yield self.serve(lambda request, batch: b"x" * (MAX_ANSWER_BYTES + 1))
+        self.store.fill(1)
+        yield self.sender(port).drain()
+        self.assertEqual(len(self.recorder.requests), 1)
+        self.assertEqual(len(self.store.dirty), 1)
+        self.assertEqual(self.events[-1]["reason"], "answer_too_large")
+
+    @inlineCallbacks
+    def test_endless_answer(self):
+        """
+        An answer that never ends is cut off at the cap, long before
+        request_timeout, and its connection closed.
+        """
+
+        def endless(request, batch):
+            request.write(b"x" * (2 * MAX_ANSWER_BYTES))
+            return NOT_DONE_YET
+
+        port = yield self.serve(endless)
+        self.store.fill(1)
+        yield self.sender(port, request_timeout=3600).drain()
+        self.assertEqual(self.events[-1]["reason"], "answer_too_large")
+        yield self.connections.all_lost()
+
+    @inlineCallbacks
+    def test_answer_at_the_cap(self):
+        """
+        A 200 of exactly the cap is read (and judged on its content).
+        """
+        body = json.dumps({"pad": ""}).encode()
+        padded = lambda request, batch: body[:-2] + b" " * (MAX_ANSWER_BYTES - len(body)) + body[-2:]
+        port = yield self.serve(padded)
+        self.store.fill(1)
+        yield self.sender(port).drain()
+        self.assertEqual(self.events[-1]["reason"], "wrong_backup")
+
+    @inlineCallbacks
+    def test_hung_answer_times_out(self):
+        """
+        A backup that sends part of its answer and then nothing is cut off
+        after request_timeout; the connection is closed.
+        """
+
+        def stall(request, batch):
+            request.setHeader(b"content-length", b"100")
+            request.write(b"{")
+            return NOT_DONE_YET
+
+        port = yield self.serve(stall)
+        self.store.fill(1)
+        yield self.sender(port, request_timeout=1).drain()
+        self.assertEqual(self.events[-1]["reason"], "timeout")
+        self.assertEqual(len(self.store.dirty), 1)
+        yield self.connections.all_lost()
