@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from dataclasses import dataclass
 from io import BytesIO
-import typing
 from typing import Sequence
 
 from OpenSSL import SSL
@@ -138,7 +138,8 @@ class Sender:
 
     At most one drain runs at a time.  A tick or L{wake} during a drain makes
     it scan once more before it ends; during a backoff wait, or after
-    L{stop}, it does nothing.
+    L{stop}, it does nothing.  C{seq} numbers every batch this process puts
+    on the wire, retries included, so each signed request is unique.
     """
 
     log = Logger()

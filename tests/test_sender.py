@@ -720,6 +720,7 @@ class HttpsPosterTests(TestCase):
         port = yield SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(
             self.connections
         )
+        self.port = port
         self.addCleanup(port.stopListening)
         self.addCleanup(self.connections.all_lost)
         return port.getHost().port
@@ -804,6 +805,15 @@ class HttpsPosterTests(TestCase):
         return d.addCallback(self.assertSendsNothing)
 
     @inlineCallbacks
+    def test_connection_refused(self):
+        port = yield self.serve(valid_answer)
+        yield self.port.stopListening()
+        self.store.fill(1)
+        yield self.sender(port).drain()
+        self.assertEqual(len(self.store.dirty), 1)
+        self.assertEqual(self.events[-1]["reason"], "connection")
+
+    @inlineCallbacks
     def test_answer_too_large(self):
         """
         An answer body over the cap is cut off and fails the attempt.
@@ -835,10 +845,13 @@ class HttpsPosterTests(TestCase):
     @inlineCallbacks
     def test_answer_at_the_cap(self):
         """
-        A 200 of exactly the cap is read (and judged on its content).
+        A 200 of exactly the cap is read and judged on its content (here:
+        not the backup's answer).
         """
-        body = json.dumps({"pad": ""}).encode()
-        padded = lambda request, batch: body[:-2] + b" " * (MAX_ANSWER_BYTES - len(body)) + body[-2:]
+        prefix, suffix = b'{"pad": "', b'"}'
+        body = prefix + b"p" * (MAX_ANSWER_BYTES - len(prefix) - len(suffix)) + suffix
+        self.assertEqual(len(body), MAX_ANSWER_BYTES)
+        padded = lambda request, batch: body
         port = yield self.serve(padded)
         self.store.fill(1)
         yield self.sender(port).drain()
