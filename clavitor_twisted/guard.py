@@ -5,13 +5,28 @@ The backup's defences as small clock-driven objects, with no HTTP in them.
 L{NonceCache} refuses a replayed request: it remembers every nonce for as
 long as a request carrying it could still pass the freshness check, and no
 longer, so its memory is bounded by the traffic of one time window.
+L{RateLimiter} caps the requests of one key (a peer address or a POP) per
+minute, and L{BanList} refuses a key for a while after repeated failed
+authentications (DESIGN.md rule 10).
+
+Each holds at most C{capacity} keys and forgets what no longer matters on
+its own, lazily, on the next call.  When full, none of them evicts state
+that protects the backup (a nonce, a drained bucket, a ban): evicting it is
+what a flood of new keys would be sent to achieve.
 """
 
 import heapq
+from collections import OrderedDict, deque
 
 from twisted.internet.interfaces import IReactorTime
 
-from clavitor_twisted.errors import NotReady, StaleRequest
+from clavitor_twisted.errors import Forbidden, NotReady, RateLimited, StaleRequest
+
+# The rate limiter counts time in whole microseconds and a token as
+# _TOKEN units, so that a bucket gains exactly per_minute units per
+# microsecond: all its arithmetic is on integers, without drift.
+_MICROSECONDS = 1_000_000
+_TOKEN = 60 * _MICROSECONDS
 
 
 class NonceCache:
@@ -73,4 +88,231 @@ class NonceCache:
         while self._expiries and self._expiries[0][0] < now:
             _, nonce = heapq.heappop(self._expiries)
             self._nonces.remove(nonce)
+        return now
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+class _Bucket:
+    """
+    The state of one key of a L{RateLimiter}: its level (in token units) at
+    time C{at} (in microseconds).
+    """
+
+    __slots__ = ("level", "at")
+
+    def __init__(self, level: int, at: int) -> None:
+        self.level = level
+        self.at = at
+
+
+class RateLimiter:
+    """
+    A token bucket per key: C{per_minute} tokens at most, refilled at
+    C{per_minute} a minute; each request takes one.
+
+    A bucket that is full again is the same as no bucket, so it is
+    forgotten.  A heap holds one entry per tracked key, no later than the
+    moment its bucket is full; as that moment passes, the key is dropped or,
+    if it took tokens since, pushed back with its new moment (so the work is
+    a heap operation per token taken, never a scan).  Every key
+    therefore goes within a minute of its last request, and a full limiter
+    refuses a new key rather than forget a drained bucket.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, per_minute: int, capacity: int = 10_000
+    ) -> None:
+        if per_minute < 1 or capacity < 1:
+            raise ValueError("per_minute and capacity must be at least 1")
+        self._clock = clock
+        self._per_minute = per_minute
+        self._size = per_minute * _TOKEN
+        self._capacity = capacity
+        self._buckets: dict[str, _Bucket] = {}
+        self._full_at: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        self._expire(self._now())
+        return len(self._buckets)
+
+    def check(self, key: str) -> None:
+        """
+        Take one token from C{key}'s bucket.
+
+        @raise RateLimited: the bucket is empty, or the limiter already
+            tracks C{capacity} keys and C{key} is not one of them;
+            C{retry_after} is the whole number of seconds (at least 1)
+            until a token, or a place, is free.
+        """
+        now = self._now()
+        self._expire(now)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._capacity:
+                raise RateLimited(
+                    "rate limiter full", self._seconds(self._earliest_full() - now)
+                )
+            bucket = self._buckets[key] = _Bucket(self._size, now)
+            heapq.heappush(self._full_at, (now, key))
+        self._refill(bucket, now)
+        if bucket.level < _TOKEN:
+            wait = _ceil_div(_TOKEN - bucket.level, self._per_minute)
+            raise RateLimited("rate limit reached by " + key, self._seconds(wait))
+        bucket.level -= _TOKEN
+
+    def _now(self) -> int:
+        return round(self._clock.seconds() * _MICROSECONDS)
+
+    @staticmethod
+    def _seconds(microseconds: int) -> int:
+        return max(1, _ceil_div(microseconds, _MICROSECONDS))
+
+    def _refill(self, bucket: _Bucket, now: int) -> None:
+        # A clock that steps back grants nothing and restarts from there.
+        elapsed = max(0, now - bucket.at)
+        bucket.level = min(self._size, bucket.level + elapsed * self._per_minute)
+        bucket.at = now
+
+    def _full_moment(self, bucket: _Bucket) -> int:
+        return bucket.at + _ceil_div(self._size - bucket.level, self._per_minute)
+
+    def _earliest_full(self) -> int:
+        """
+        The first moment a tracked bucket will be full.
+
+        The heap may hold moments that are too early (a key took tokens
+        after it was pushed); correct them from the top until the top is
+        exact, and so the earliest.
+        """
+        while True:
+            moment, key = self._full_at[0]
+            actual = self._full_moment(self._buckets[key])
+            if actual == moment:
+                return moment
+            heapq.heapreplace(self._full_at, (actual, key))
+
+    def _expire(self, now: int) -> None:
+        """
+        Forget the keys whose bucket is full at C{now}.
+        """
+        while self._full_at and self._full_at[0][0] <= now:
+            _, key = heapq.heappop(self._full_at)
+            bucket = self._buckets[key]
+            self._refill(bucket, now)
+            if bucket.level == self._size:
+                del self._buckets[key]
+            else:
+                heapq.heappush(self._full_at, (self._full_moment(bucket), key))
+
+
+class BanList:
+    """
+    Keys refused for C{duration} seconds after C{threshold} failed
+    authentications within C{duration} seconds.
+
+    A ban lifts by itself; a failure during a ban neither extends it nor
+    counts towards the next one, and a success clears the failures but never
+    lifts a ban.  Expired bans and failures are dropped lazily, oldest
+    first.
+
+    At most C{capacity} keys are tracked, bans and failure records together.
+    When full, a failure of a new key drops the failure record of the key
+    that failed least recently: refusing to count the new key would let a
+    flood of keys make every later key unbannable, while the dropped record
+    held fewer than C{threshold} failures of a key that has gone quiet.  A
+    ban is never dropped early, because that is what the flood would be
+    for; if every tracked key is banned, the new failure goes uncounted
+    (the credential check still refuses the request) and memory stays
+    bounded.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        threshold: int,
+        duration: int,
+        capacity: int = 10_000,
+    ) -> None:
+        if threshold < 1 or duration < 1 or capacity < 1:
+            raise ValueError("threshold, duration and capacity must be at least 1")
+        self._clock = clock
+        self._threshold = threshold
+        self._duration = duration
+        self._capacity = capacity
+        # key -> end of its ban, in the order the bans started.
+        self._bans: OrderedDict[str, float] = OrderedDict()
+        # key -> times of its recent failures, least recently failed first.
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._bans) + len(self._failures)
+
+    def check(self, key: str) -> None:
+        """
+        @raise Forbidden: C{key} is banned.
+        """
+        if self.banned(key):
+            raise Forbidden("banned: " + key)
+
+    def banned(self, key: str) -> bool:
+        now = self._expire()
+        end = self._bans.get(key)
+        return end is not None and now < end
+
+    def record_failure(self, key: str) -> bool:
+        """
+        Count one failed authentication of C{key}.
+
+        @return: C{True} if this failure starts a ban of C{key}.
+        """
+        now = self._expire()
+        end = self._bans.get(key)
+        if end is not None:
+            if now < end:
+                return False
+            del self._bans[key]
+        failures = self._failures.get(key)
+        if failures is None:
+            if len(self._bans) + len(self._failures) >= self._capacity:
+                if not self._failures:
+                    return False
+                self._failures.popitem(last=False)
+            failures = self._failures[key] = deque(maxlen=self._threshold)
+        while failures and failures[0] + self._duration <= now:
+            failures.popleft()
+        failures.append(now)
+        self._failures.move_to_end(key)
+        if len(failures) < self._threshold:
+            return False
+        del self._failures[key]
+        self._bans[key] = now + self._duration
+        return True
+
+    def record_success(self, key: str) -> None:
+        """
+        Forget C{key}'s failures (not its ban, if it has one).
+        """
+        self._failures.pop(key, None)
+
+    def _expire(self) -> float:
+        """
+        Drop the bans that have ended and the failure records whose last
+        failure no longer counts; return the current time.
+
+        Both are in time order unless the clock stepped back; then an entry
+        stays a little longer than it needs, and every reader compares the
+        times itself.
+        """
+        now = self._clock.seconds()
+        while self._bans and next(iter(self._bans.values())) <= now:
+            self._bans.popitem(last=False)
+        while self._failures:
+            last = self._failures[next(iter(self._failures))][-1]
+            if last + self._duration > now:
+                break
+            self._failures.popitem(last=False)
         return now
