@@ -223,6 +223,12 @@ def make_service(
     return top
 
 
+class StartUpFailed(Exception):
+    """
+    A daemonized POP cannot start; the text is public.
+    """
+
+
 class DaemonService(MultiService):
     """
     What twistd runs: the replication service, or the start-up error that
@@ -230,13 +236,17 @@ class DaemonService(MultiService):
 
     twistd starts logging only after the plugin's makeService has returned,
     so the error's detail is logged here, when the application starts, and
-    the process then exits with status 1 and no traceback.  A listening port
-    that cannot be bound ends the start the same way.
+    the start then ends; so does a listening port that cannot be bound.  In
+    the foreground (C{--nodaemon}) the process exits with status 1 and no
+    traceback.  Daemonized, twistd's waiting parent hears only of an
+    L{Exception}, so L{StartUpFailed} is raised: the parent prints its public
+    text and exits 1 (a SystemExit would leave it waiting for ever).
     """
 
-    def __init__(self, error: ClavitorError | None = None) -> None:
+    def __init__(self, error: ClavitorError | None = None, daemonizes: bool = False) -> None:
         super().__init__()
         self.error = error
+        self.daemonizes = daemonizes
 
     def privilegedStartService(self) -> None:
         if self.error is not None:
@@ -245,7 +255,7 @@ class DaemonService(MultiService):
                 public=self.error.public,
                 detail=self.error.detail,
             )
-            raise SystemExit(1)
+            self._end_start(self.error.public)
         try:
             super().privilegedStartService()
         except CannotListenError as e:
@@ -255,21 +265,28 @@ class DaemonService(MultiService):
                 port=e.port,
                 reason=str(e.socketError),
             )
-            raise SystemExit(1)
+            self._end_start("cannot listen on listen.address, listen.port")
+
+    def _end_start(self, public: str) -> None:
+        if self.daemonizes:
+            raise StartUpFailed(public)
+        raise SystemExit(1)
 
 
-def service_from_file(path: str, reactor, stderr: TextIO) -> DaemonService:
+def service_from_file(
+    path: str, reactor, stderr: TextIO, daemonizes: bool = False
+) -> DaemonService:
     """
     The daemon for the config file at C{path}.  A start-up error's public
     text goes to C{stderr} now; its detail is logged when twistd starts the
-    returned service, which then exits (see L{DaemonService}).
+    returned service, which then ends the start (see L{DaemonService}).
     """
     try:
         replication = make_service(load_config(path), reactor)
     except START_UP_ERRORS as error:
         stderr.write("clavitor-repl: " + error.public + "\n")
         stderr.flush()
-        return DaemonService(error)
-    daemon = DaemonService()
+        return DaemonService(error, daemonizes)
+    daemon = DaemonService(daemonizes=daemonizes)
     replication.setServiceParent(daemon)
     return daemon

@@ -161,6 +161,18 @@ class StartUpErrorTests(SynchronousTestCase):
         self.assertIn("role", event["public"])
         self.assertIn(path, event["detail"])
 
+    def test_daemonized(self):
+        """
+        Daemonized, the start ends with L{service.StartUpFailed} carrying
+        the public text, which twistd's waiting parent prints.
+        """
+        pop = Pop(self)
+        path = pop.write("bad.yaml", {"role": "backup"})
+        daemon = service.service_from_file(path, reactor, io.StringIO(), daemonizes=True)
+        with capturedLogs():
+            error = self.assertRaises(service.StartUpFailed, daemon.privilegedStartService)
+        self.assertEqual(str(error), daemon.error.public)
+
     def test_certificate_error(self):
         pop = Pop(self)
         os.remove(pop.pki.pops[demo.BACKUP_POP][0])
@@ -239,10 +251,10 @@ class PluginTests(SynchronousTestCase):
         ).stdout
         self.assertEqual(output.strip(), "[]")
 
-    def test_twistd_exits_without_traceback(self):
+    def twistd_bad_config(self, *twistd_options):
         """
-        Under twistd a bad config prints the public error, no traceback and
-        no path, and the process exits with status 1.
+        Run twistd on a config with a plain-HTTP backup URL: C{(pop, config
+        path, log path, completed process)}.
         """
         pop = Pop(self)
         document = pop.primary(8443)
@@ -251,12 +263,21 @@ class PluginTests(SynchronousTestCase):
         log = os.path.join(pop.directory, "twistd.log")
         result = subprocess.run(
             TWISTD
-            + ["--nodaemon", "--pidfile=", "--logfile=" + log, "clavitor-repl", "--config", path],
+            + list(twistd_options)
+            + ["--logfile=" + log, "clavitor-repl", "--config", path],
             capture_output=True,
             text=True,
             cwd=pop.directory,
             timeout=60,
         )
+        return pop, path, log, result
+
+    def test_twistd_exits_without_traceback(self):
+        """
+        Under twistd a bad config prints the public error, no traceback and
+        no path, and the process exits with status 1.
+        """
+        pop, path, log, result = self.twistd_bad_config("--nodaemon", "--pidfile=")
         self.assertEqual(result.returncode, 1)
         self.assertIn("clavitor-repl: backup_pop.url:", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
@@ -265,6 +286,19 @@ class PluginTests(SynchronousTestCase):
             logged = f.read()
         self.assertIn("cannot start", logged)
         self.assertIn(path, logged)
+
+    def test_twistd_daemon_exits(self):
+        """
+        Daemonized, twistd's parent process reports the public error and
+        exits 1 instead of waiting for ever; the pid file is removed.
+        """
+        pidfile = os.path.abspath(self.mktemp())
+        pop, path, log, result = self.twistd_bad_config("--pidfile=" + pidfile)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("clavitor-repl: backup_pop.url:", result.stderr)
+        self.assertIn("StartUpFailed: backup_pop.url:", result.stderr)
+        self.assertNotIn(pop.directory, result.stderr + result.stdout)
+        self.assertFalse(os.path.exists(pidfile))
 
 
 def rows(data_dir):

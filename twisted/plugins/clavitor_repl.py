@@ -45,7 +45,10 @@ class ClavitorReplMaker:
 
         from clavitor_twisted.service import service_from_file
 
-        return service_from_file(options["config"], reactor, sys.stderr)
+        # twistd's own options (the parent) say whether it will daemonize.
+        twistd = getattr(options, "parent", None)
+        daemonizes = twistd is not None and not twistd.get("nodaemon", True)
+        return service_from_file(options["config"], reactor, sys.stderr, daemonizes)
 
 
 serviceMaker = ClavitorReplMaker()
