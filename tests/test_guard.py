@@ -334,7 +334,9 @@ class RateLimiterModelTests(SynchronousTestCase):
         ),
     )
     def test_matches_model(self, per_minute, steps) -> None:
-        clock = Clock()  # from 0, so that the float sum of steps stays exact to the microsecond
+        # From 0, so that the float sum of the steps stays exact to the
+        # microsecond.
+        clock = Clock()
         capacity = 3
         limiter = RateLimiter(clock, per_minute, capacity=capacity)
         rate = Fraction(per_minute, 60)  # tokens a second
