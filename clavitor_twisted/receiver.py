@@ -1,44 +1,59 @@
-# -*- test-case-name: tests.test_receiver -*-
+# -*- test-case-name: tests.test_receiver,tests.test_framing -*-
 """
 The backup side of replication: C{POST /api/replication/apply}.
 
-A request passes one short chain of checks (DESIGN.md rule 2): method,
-media type, size, authentication on the raw bytes, strict parsing, the
-identity the credential proves, authorisation, target, freshness and the
-nonce; only then is the batch applied, in the vault thread pool.  Any check
-that fails raises a L{RequestRefused}; the edge answers its status with
-C{{"error": word}} and logs the detail, never showing it to the peer.
+A request passes one short chain of checks (DESIGN.md rule 2), cheapest
+first.  As soon as its headers are in, L{_ApiRequest} refuses framing it
+cannot trust (400) or a declared body above C{max_request_bytes} (413, the
+connection closed before the body is read), and asks the L{Defences} whether
+the peer address (and, in C{mtls}, the POPs its certificate proves) is
+banned (403) or over its rate (429); a refused request's body is read past
+and dropped, never buffered or verified.  A body that streams past the cap
+is cut off (413, connection closed).  L{ApplyResource} then checks method,
+media type, the signature on the raw bytes, the strict parse, the identity
+the credential proves (and, in C{bearer}, that POP's ban and rate),
+authorisation, target, freshness and the nonce; only then is the batch
+applied, in the vault thread pool.
 
-Every answer of the site is JSON with C{nosniff} and C{no-store} and without
-a C{Server} banner, whichever path produced it.
+A failed authentication is charged to the POPs the TLS certificate proves,
+or else to the peer address (never to an unverified claim), so one POP's
+failures never ban another.  Every request ends in exactly one audit record
+and an answer of C{{"error": word}} (or the 200 document) with its status:
+JSON with C{nosniff} and C{no-store}, without a C{Server} banner, whichever
+path produced it, Twisted's own 400 for bad framing included.
 """
 
 import hmac
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from io import BytesIO
+from typing import Any, Iterable, Protocol
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger, LogLevel
+from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from clavitor_twisted import protocol, tls
+from clavitor_twisted.audit import AuditLog, AuditRecord, fingerprint
 from clavitor_twisted.config import Config
 from clavitor_twisted.errors import (
     AuthenticationFailed,
     Conflict,
     Forbidden,
+    Malformed,
     MethodNotAllowed,
     RateLimited,
     RequestRefused,
     TooLarge,
     UnsupportedMediaType,
 )
-from clavitor_twisted.guard import NonceCache
+from clavitor_twisted.guard import BanList, NonceCache, RateLimiter
 from clavitor_twisted.tokens import TokenSource
 from clavitor_twisted.vault import VaultStore
 
@@ -54,27 +69,128 @@ SECURITY_HEADERS = (
 log = Logger()
 
 
-class _ApiRequest(server.Request):
+def _document(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode("ascii")
+
+
+def _address_key(address: str) -> str:
+    return "address:" + address
+
+
+def _pop_keys(pops: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted("pop:" + pop for pop in pops))
+
+
+@dataclass
+class _Attempt:
     """
-    A request of the replication API: whatever writes the answer (our
-    resources or Twisted itself), it goes out with the security headers and
-    without C{Server: TwistedWeb/x}.
+    What the audit log says about one request, filled in as it goes.
+
+    C{names} are the POPs the connection itself proves (the TLS client
+    certificate's names in C{mtls}), known before any request is read.
     """
 
-    def write(self, data: bytes) -> None:
-        if not self.startedWriting:
-            self.responseHeaders.removeHeader(b"Server")
-            for name, value in SECURITY_HEADERS:
-                self.responseHeaders.setRawHeaders(name, [value])
-        super().write(data)
+    peer: str
+    started: float
+    names: frozenset[str]
+    fingerprint: str | None
+    claimed_pop: str | None = None
+    proven_pop: str | None = None
+    entries: int = 0
+    vaults: int = 0
+    bytes: int = 0
+    request_timestamp: int | None = None
+
+    @property
+    def admission_keys(self) -> tuple[str, ...]:
+        """
+        What is checked for bans and rate as soon as the headers are in.
+        """
+        return (_address_key(self.peer),) + _pop_keys(self.names)
+
+    @property
+    def charged_keys(self) -> tuple[str, ...]:
+        """
+        Who a failed authentication is charged to: the proven POPs, else
+        the peer address.
+        """
+        return _pop_keys(self.names) or (_address_key(self.peer),)
+
+    def describe(self, batch: protocol.Batch) -> None:
+        self.claimed_pop = batch.source_pop
+        self.entries = len(batch.entries)
+        self.vaults = len({entry.vault_id for entry in batch.entries})
+        self.request_timestamp = batch.timestamp
 
 
-def _answer(request: IRequest, status: int, document: dict[str, Any]) -> None:
-    body = json.dumps(document, separators=(",", ":")).encode("ascii")
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Length", b"%d" % (len(body),))
-    request.write(body)
-    request.finish()
+class Defences:
+    """
+    The guard objects and the audit log of one site, and the few calls the
+    receiver makes to them.
+    """
+
+    def __init__(self, config: Config, clock: IReactorTime, audit: AuditLog) -> None:
+        security = config.security
+        self.max_request_bytes = security.max_request_bytes
+        self.clock = clock
+        self.audit = audit
+        self.bans = BanList(clock, security.ban_after_failures, security.ban_duration)
+        self.rates = RateLimiter(clock, security.rate_limit_per_minute)
+        self.nonces = NonceCache(
+            clock, config.replication.max_request_age, security.clock_skew
+        )
+
+    def admit(self, keys: tuple[str, ...]) -> None:
+        """
+        @raise Forbidden: one of C{keys} is banned.
+        @raise RateLimited: one of C{keys} is over its rate.
+        """
+        for key in keys:
+            self.bans.check(key)
+        for key in keys:
+            self.rates.check(key)
+
+    def authenticated(self, attempt: _Attempt) -> None:
+        for key in attempt.charged_keys:
+            self.bans.record_success(key)
+
+    def failed_authentication(self, attempt: _Attempt) -> str:
+        """
+        Count the failure; the keys it starts a ban of, for the reason.
+        """
+        banned = [key for key in attempt.charged_keys if self.bans.record_failure(key)]
+        for key in banned:
+            log.warn("banned {key} after failed authentications", key=key)
+        return "; ban starts for " + ", ".join(banned) if banned else ""
+
+    def record(
+        self,
+        attempt: _Attempt,
+        status: int,
+        result: str,
+        reason: str,
+        auth_failure: bool = False,
+    ) -> None:
+        now = self.clock.seconds()
+        self.audit.record(
+            AuditRecord(
+                time=attempt.started,
+                peer=attempt.peer,
+                claimed_pop=attempt.claimed_pop,
+                proven_pop=attempt.proven_pop,
+                entries=attempt.entries,
+                vaults=attempt.vaults,
+                bytes=attempt.bytes,
+                result=result,
+                status=status,
+                reason=reason,
+                duration=now - attempt.started,
+                backup_clock=now,
+                request_timestamp=attempt.request_timestamp,
+                auth_failure=auth_failure,
+                fingerprint=attempt.fingerprint,
+            )
+        )
 
 
 def _single_header(
@@ -97,6 +213,12 @@ class Authentication(Protocol):
     How a request proves who sent it.
     """
 
+    def identify(self, transport: ITransport) -> tuple[frozenset[str], str | None]:
+        """
+        What the connection proves before any request: the POP ids and the
+        fingerprint of the credential (never the credential itself).
+        """
+
     def authenticate(self, request: IRequest, body: bytes) -> frozenset[str] | None:
         """
         Verify the credential and the signature over the raw C{body}.
@@ -113,6 +235,15 @@ class CertificateAuthentication:
     handshake) signs the body; its subjectAltName DNS names, never its CN,
     are the POPs it proves.
     """
+
+    def identify(self, transport: ITransport) -> tuple[frozenset[str], str | None]:
+        certificate = tls.peer_certificate(transport)
+        if certificate is None:
+            return frozenset(), None
+        return (
+            tls.dns_names(certificate),
+            fingerprint(certificate.public_bytes(Encoding.DER)),
+        )
 
     def authenticate(self, request: IRequest, body: bytes) -> frozenset[str]:
         certificate = tls.peer_certificate(request.channel.transport)
@@ -131,11 +262,15 @@ class TokenAuthentication:
     C{bearer}: the bearer token must be the current or the previous token,
     and the HMAC must be keyed with one of them (not necessarily the same:
     a sender may read its token file between signing and sending).  Every
-    token is compared in constant time.
+    token is compared in constant time.  The connection proves nothing, and
+    no fingerprint of a token is recorded.
     """
 
     def __init__(self, token_source: TokenSource) -> None:
         self._token_source = token_source
+
+    def identify(self, transport: ITransport) -> tuple[frozenset[str], str | None]:
+        return frozenset(), None
 
     def authenticate(self, request: IRequest, body: bytes) -> None:
         presented = self._bearer_token(request)
@@ -162,16 +297,223 @@ class TokenAuthentication:
         return token
 
 
-@dataclass
-class _Attempt:
+class _ApiChannel(http.HTTPChannel):
     """
-    What the log says about one request, filled in as the checks pass.
+    HTTP/1.1 (no HTTP/2) whose refusals of bad framing are JSON answers
+    with the security headers, after which it reads nothing more.
     """
 
-    peer: str
-    claimed_pop: str | None = None
-    proven_pop: str | None = None
-    entries: int = 0
+    _closing = False
+    _abort = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._closing:
+            super().dataReceived(data)
+
+    def refuse_and_close(self, refusal: RequestRefused, attempt: _Attempt) -> None:
+        """
+        Answer C{refusal} now, whatever of the request is still to come,
+        then close; if the peer does not let the connection close, abort it
+        after C{abortTimeout}, as Twisted does for a timed-out client.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        body = _document({"error": refusal.word})
+        headers = Headers()
+        for name, value in SECURITY_HEADERS:
+            headers.addRawHeader(name, value)
+        headers.addRawHeader(b"Content-Length", b"%d" % (len(body),))
+        headers.addRawHeader(b"Connection", b"close")
+        self.writeHeaders(
+            b"HTTP/1.1",
+            b"%d" % (refusal.status,),
+            http.RESPONSES[refusal.status],
+            headers,
+        )
+        self.write(body)
+        self.loseConnection()
+        self._abort = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.site.defences.record(attempt, refusal.status, refusal.word, refusal.detail)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's single hook for every framing error it detects (request
+        # line, headers, Content-Length, Transfer-Encoding, chunks): the
+        # request being parsed is the last one.
+        self.refuse_and_close(
+            Malformed("HTTP framing refused by twisted.web"), self.requests[-1].attempt
+        )
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        super().connectionLost(reason)
+
+
+class _ApiRequest(server.Request):
+    """
+    A request of the replication API.
+
+    The body is kept in memory, never more than C{max_request_bytes} of it.
+    A refusal decided on the headers alone (ban, rate) is answered once the
+    body has gone by, unread, so the connection stays usable; one that
+    leaves the body's end in doubt (too large, untrusted framing) is
+    answered at once and the connection closed.  Either way the resources
+    never see the request.
+    """
+
+    def __init__(self, channel: _ApiChannel, *args, **kwargs) -> None:
+        super().__init__(channel, *args, **kwargs)
+        self._defences: Defences = channel.site.defences
+        names, credential = channel.site.authentication.identify(self.transport)
+        self.attempt = _Attempt(
+            peer=_peer(self),
+            started=self._defences.clock.seconds(),
+            names=names,
+            fingerprint=credential,
+        )
+        self._refusal: RequestRefused | None = None
+        self._cut_off = False
+        self._gone = False
+        self.notifyFinish().addErrback(self._went_away)
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        try:
+            self._check_framing(length)
+        except RequestRefused as refusal:
+            self._cut(refusal)
+            return
+        try:
+            self._defences.admit(self.attempt.admission_keys)
+        except RequestRefused as refusal:
+            self._refusal = refusal
+
+    def _check_framing(self, length: int | None) -> None:
+        """
+        What twisted.web lets through but we do not: a Transfer-Encoding
+        other than one C{chunked} (it ignores C{identity}), and a declared
+        body above the cap.
+        """
+        encodings = self.requestHeaders.getRawHeaders(b"Transfer-Encoding")
+        if encodings is not None and [e.lower() for e in encodings] != [b"chunked"]:
+            raise Malformed("Transfer-Encoding other than chunked")
+        if length is not None and length > self._defences.max_request_bytes:
+            raise TooLarge("declared Content-Length %d above max_request_bytes" % (length,))
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._cut_off:
+            return
+        self.attempt.bytes += len(data)
+        if self.attempt.bytes > self._defences.max_request_bytes:
+            self._cut(TooLarge("chunked body passed max_request_bytes"))
+        elif self._refusal is None:
+            self.content.write(data)
+
+    def _cut(self, refusal: RequestRefused) -> None:
+        self._cut_off = True
+        self.content = BytesIO()
+        # No "100 Continue" after the answer.
+        self.requestHeaders.removeHeader(b"Expect")
+        self.channel.refuse_and_close(refusal, self.attempt)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._cut_off:
+            return
+        if version != b"HTTP/1.1" and self.requestHeaders.hasHeader(
+            b"Transfer-Encoding"
+        ):
+            # RFC 9112 6.1: such framing is faulty.
+            self._cut(Malformed("Transfer-Encoding in a request before HTTP/1.1"))
+            return
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        """
+        Answer the refusal decided on the headers, or render the site's
+        single resource (no traversal, no special case for C{*}).
+        """
+        self.site = self.channel.site
+        self.setHeader(b"Date", http.datetimeToString(self._defences.clock.seconds()))
+        if self._refusal is not None:
+            self.refuse(self._refusal)
+            return
+        try:
+            self.render(self.site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            for name, value in SECURITY_HEADERS:
+                self.responseHeaders.setRawHeaders(name, [value])
+        super().write(data)
+
+    def conclude(
+        self,
+        status: int,
+        document: dict[str, Any],
+        *,
+        result: str,
+        reason: str,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        auth_failure: bool = False,
+    ) -> None:
+        """
+        Audit and answer (unless the peer has gone): every request that is
+        not cut off ends here, once.  The record comes first: finishing
+        lets the channel go on to a pipelined request at once.
+        """
+        if self._gone:
+            reason += "; the peer went away before the answer"
+        self._defences.record(self.attempt, status, result, reason, auth_failure)
+        if self._gone:
+            return
+        for name, value in headers:
+            self.setHeader(name, value)
+        body = _document(document)
+        self.setResponseCode(status)
+        self.setHeader(b"Content-Length", b"%d" % (len(body),))
+        self.write(body)
+        self.finish()
+
+    def refuse(self, refusal: RequestRefused) -> None:
+        reason = refusal.detail
+        if refusal.counts_as_auth_failure:
+            reason += self._defences.failed_authentication(self.attempt)
+        headers: tuple[tuple[bytes, bytes], ...] = ()
+        if isinstance(refusal, RateLimited):
+            headers = ((b"Retry-After", b"%d" % (refusal.retry_after,)),)
+        elif isinstance(refusal, MethodNotAllowed):
+            headers = ((b"Allow", b"POST"),)
+        self.conclude(
+            refusal.status,
+            {"error": refusal.word},
+            result=refusal.word,
+            reason=reason,
+            headers=headers,
+            auth_failure=refusal.counts_as_auth_failure,
+        )
+
+    def processingFailed(self, reason: Failure) -> None:
+        """
+        An unexpected error: its text (a path, perhaps) stays in the log.
+        """
+        log.failure(
+            "replication request from {peer} failed",
+            failure=reason,
+            peer=self.attempt.peer,
+            claimed_pop=self.attempt.claimed_pop,
+        )
+        self.conclude(
+            500,
+            {"error": "internal"},
+            result="internal",
+            reason="internal error: " + reason.type.__name__,
+        )
+
+    def _went_away(self, reason: Failure) -> None:
+        self._gone = True
 
 
 class ApplyResource(Resource):
@@ -185,73 +527,59 @@ class ApplyResource(Resource):
         self,
         config: Config,
         store: VaultStore,
-        clock: IReactorTime,
+        defences: Defences,
         authentication: Authentication,
-        nonces: NonceCache,
         started_at: int,
     ) -> None:
         super().__init__()
         self._config = config
         self._store = store
-        self._clock = clock
+        self._defences = defences
         self._authentication = authentication
-        self._nonces = nonces
         self._started_at = started_at
 
-    def render(self, request: IRequest) -> int:
-        attempt = _Attempt(peer=_peer(request))
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
-        answered = Deferred.fromCoroutine(self._accept(request, attempt))
-        answered.addCallbacks(
-            lambda document: (200, document, ()),
-            self._refused,
-            errbackArgs=(attempt,),
-        )
-        answered.addCallback(self._send, request, attempt, gone)
+    def render(self, request: _ApiRequest) -> int:
+        answered = Deferred.fromCoroutine(self._accept(request, request.attempt))
+        answered.addErrback(self._refused, request)
         return server.NOT_DONE_YET
 
-    async def _accept(self, request: IRequest, attempt: _Attempt) -> dict[str, Any]:
+    async def _accept(self, request: _ApiRequest, attempt: _Attempt) -> None:
         """
-        The chain of checks, then the apply; the 200 document.
+        The chain of checks, then the apply and the 200.
         """
         if request.method != b"POST":
             raise MethodNotAllowed("method is not POST")
         self._check_media_type(request)
-        body = self._read_body(request)
+        body = request.content.getvalue()
         proven = self._authentication.authenticate(request, body)
+        self._defences.authenticated(attempt)
         batch = protocol.parse_batch(body, self._config.security.max_entry_bytes)
-        attempt.claimed_pop = batch.source_pop
-        attempt.entries = len(batch.entries)
+        attempt.describe(batch)
         self._check_identity(batch, proven, attempt)
         protocol.check_freshness(
             batch,
-            now=int(self._clock.seconds()),
+            now=int(self._defences.clock.seconds()),
             max_age=self._config.replication.max_request_age,
             clock_skew=self._config.security.clock_skew,
             not_before=self._started_at,
         )
-        self._nonces.check_and_record(batch.nonce, batch.timestamp)
+        self._defences.nonces.check_and_record(batch.nonce, batch.timestamp)
         applied, skipped = await self._store.apply_batch(
             batch.source_pop, batch.epoch, batch.seq, batch.entries
         )
-        log.info(
-            "applied {applied} entries, skipped {skipped}, from {source_pop}"
-            " epoch {epoch} seq {seq}",
-            applied=applied,
-            skipped=skipped,
-            source_pop=batch.source_pop,
-            epoch=batch.epoch,
-            seq=batch.seq,
-            peer=attempt.peer,
+        request.conclude(
+            200,
+            {
+                "applied": applied,
+                "skipped": skipped,
+                "seq": batch.seq,
+                "pop_id": self._config.pop_id,
+                "role": self._config.role.value,
+            },
+            result="applied",
+            reason="epoch %d seq %d: applied %d, skipped %d"
+            % (batch.epoch, batch.seq, applied, skipped),
         )
-        return {
-            "applied": applied,
-            "skipped": skipped,
-            "seq": batch.seq,
-            "pop_id": self._config.pop_id,
-            "role": self._config.role.value,
-        }
 
     @staticmethod
     def _check_media_type(request: IRequest) -> None:
@@ -260,89 +588,32 @@ class ApplyResource(Resource):
         if media_type != JSON_MEDIA_TYPE:
             raise UnsupportedMediaType("content type is not application/json")
 
-    def _read_body(self, request: IRequest) -> bytes:
-        """
-        The raw body, refused above C{max_request_bytes} whether it came
-        with a Content-Length or chunked.  (twisted.web has buffered it
-        already; cutting it off while it streams in is the guard's job.)
-        """
-        limit = self._config.security.max_request_bytes
-        request.content.seek(0)
-        body = request.content.read(limit + 1)
-        if len(body) > limit:
-            raise TooLarge("body above max_request_bytes")
-        return body
-
     def _check_identity(
         self,
         batch: protocol.Batch,
         proven: frozenset[str] | None,
         attempt: _Attempt,
     ) -> None:
-        if proven is not None:
-            if batch.source_pop not in proven:
-                raise Forbidden("source_pop is not a name of the client certificate")
+        if proven is None:
+            # A verified token vouches for the body, so for its source_pop:
+            # that POP's ban and rate apply from here.
             attempt.proven_pop = batch.source_pop
+            self._defences.admit(_pop_keys((batch.source_pop,)))
+        elif batch.source_pop in proven:
+            attempt.proven_pop = batch.source_pop
+        else:
+            raise Forbidden("source_pop is not a name of the client certificate")
         if batch.source_pop not in self._config.authorized_pops:
             raise Forbidden("source_pop is not in authorized_pops")
         if batch.target_pop != self._config.pop_id:
             raise Conflict("target_pop is not this POP")
 
     @staticmethod
-    def _refused(
-        failure: Failure, attempt: _Attempt
-    ) -> tuple[int, dict[str, str], tuple[tuple[bytes, bytes], ...]]:
-        """
-        Turn a refusal into its answer and log the detail; anything else is
-        an internal error whose text stays in the log.
-        """
-        if not failure.check(RequestRefused):
-            log.failure(
-                "replication request from {peer} failed",
-                failure=failure,
-                peer=attempt.peer,
-                claimed_pop=attempt.claimed_pop,
-            )
-            return 500, {"error": "internal"}, ()
-        refusal = failure.value
-        log.emit(
-            LogLevel.error if refusal.counts_as_auth_failure else LogLevel.warn,
-            "replication request from {peer} refused: {status} {word}"
-            " ({reason!r}), claimed {claimed_pop!r}, proven {proven_pop!r}",
-            peer=attempt.peer,
-            status=refusal.status,
-            word=refusal.word,
-            reason=refusal.detail,
-            claimed_pop=attempt.claimed_pop,
-            proven_pop=attempt.proven_pop,
-            entries=attempt.entries,
-            auth_failure=refusal.counts_as_auth_failure,
-        )
-        headers: tuple[tuple[bytes, bytes], ...] = ()
-        if isinstance(refusal, RateLimited):
-            headers = ((b"Retry-After", b"%d" % (refusal.retry_after,)),)
-        elif isinstance(refusal, MethodNotAllowed):
-            headers = ((b"Allow", b"POST"),)
-        return refusal.status, {"error": refusal.word}, headers
-
-    @staticmethod
-    def _send(
-        answer: tuple[int, dict[str, Any], tuple[tuple[bytes, bytes], ...]],
-        request: IRequest,
-        attempt: _Attempt,
-        gone: list[Failure],
-    ) -> None:
-        status, document, headers = answer
-        if gone:
-            log.info(
-                "{peer} went away before its {status} answer",
-                peer=attempt.peer,
-                status=status,
-            )
-            return
-        for name, value in headers:
-            request.setHeader(name, value)
-        _answer(request, status, document)
+    def _refused(failure: Failure, request: _ApiRequest) -> None:
+        if failure.check(RequestRefused):
+            request.refuse(failure.value)
+        else:
+            request.processingFailed(failure)
 
 
 class _Routes(Resource):
@@ -356,15 +627,35 @@ class _Routes(Resource):
         super().__init__()
         self._routes = routes
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: _ApiRequest) -> Any:
         resource = self._routes.get(request.path)
         if resource is None:
-            log.info(
-                "unknown path from {peer}", peer=_peer(request), path=request.path
+            request.conclude(
+                404, {"error": "not_found"}, result="not_found", reason="unknown path"
             )
-            _answer(request, 404, {"error": "not_found"})
             return server.NOT_DONE_YET
         return resource.render(request)
+
+
+class _ApiSite(server.Site):
+    """
+    The site with what its channels and requests share: the defences and
+    how a connection proves its identity.
+    """
+
+    protocol = _ApiChannel
+    requestFactory = _ApiRequest
+
+    def __init__(
+        self,
+        resource: Resource,
+        defences: Defences,
+        authentication: Authentication,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self.defences = defences
+        self.authentication = authentication
 
 
 def _peer(request: IRequest) -> str:
@@ -378,10 +669,20 @@ def make_site(
     clock: IReactorTime,
     token_source: TokenSource | None,
     started_at: int,
+    *,
+    audit: AuditLog | None = None,
 ) -> server.Site:
     """
     The backup's HTTP site, to be served over TLS by the service (with a
     client certificate required in C{mtls} mode).
+
+    Every attempt is recorded in C{audit}; by default an L{AuditLog} of
+    C{security.audit_log} opened here, so that the configured file is
+    written whoever builds the site.  A caller that must reopen it on
+    SIGHUP and close it on stop passes its own.  The site's L{Defences}
+    are its C{defences} attribute.
+
+    @raise ConfigError: the audit log cannot be opened.
     """
     authentication: Authentication
     if config.auth.method == "bearer":
@@ -390,13 +691,14 @@ def make_site(
         authentication = TokenAuthentication(token_source)
     else:
         authentication = CertificateAuthentication()
-    nonces = NonceCache(
-        clock, config.replication.max_request_age, config.security.clock_skew
-    )
-    apply = ApplyResource(config, store, clock, authentication, nonces, started_at)
-    return server.Site(
+    if audit is None:
+        audit = AuditLog(config.security.audit_log, clock)
+    defences = Defences(config, clock, audit)
+    apply = ApplyResource(config, store, defences, authentication, started_at)
+    return _ApiSite(
         _Routes({protocol.APPLY_PATH: apply}),
-        requestFactory=_ApiRequest,
+        defences,
+        authentication,
         timeout=config.replication.request_timeout,
         reactor=clock,
     )

@@ -11,6 +11,7 @@ import sqlite3
 from io import BytesIO
 
 from OpenSSL import SSL
+from zope.interface import implementer
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import (
@@ -19,6 +20,7 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -36,6 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from clavitor_twisted import pki, protocol, tls
+from clavitor_twisted.audit import AuditLog
 from clavitor_twisted.config import parse_config
 from clavitor_twisted.errors import RateLimited
 from clavitor_twisted.receiver import make_site
@@ -74,6 +77,9 @@ security:
   clock_skew: {skew}
   max_request_bytes: {max_request_bytes}
   max_entry_bytes: 1024
+  rate_limit_per_minute: {rate_limit}
+  ban_after_failures: {ban_after}
+  ban_duration: {ban_duration}
 listen:
   address: 127.0.0.1
 authorized_pops: [{primary}, {partner}]
@@ -86,18 +92,46 @@ ENTRIES = (
 )
 
 
+AUDIT_FIELDS = {
+    "time",
+    "peer",
+    "claimed_pop",
+    "proven_pop",
+    "entries",
+    "vaults",
+    "bytes",
+    "result",
+    "status",
+    "reason",
+    "duration",
+    "backup_clock",
+    "request_timestamp",
+    "auth_failure",
+    "fingerprint",
+    "logged_at",
+}
+
+
+@implementer(IHandshakeListener)
 class _Collect(Protocol):
     """
     A raw client: send C{request} once connected, keep what comes back.
+    With C{deaf}, stop reading once the TLS handshake is done (a peer that
+    never acknowledges the server closing).
     """
 
-    def __init__(self, request: bytes) -> None:
+    def __init__(self, request: bytes, deaf: bool = False) -> None:
         self.request = request
+        self.deaf = deaf
         self.received = b""
         self.lost = Deferred()
 
     def connectionMade(self) -> None:
         self.transport.write(self.request)
+
+    def handshakeCompleted(self) -> None:
+        if self.deaf:
+            self.transport.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -131,6 +165,63 @@ class _Connections(WrappingFactory):
                 d.callback(None)
 
 
+def http_request(
+    body=None,
+    headers=(),
+    method=b"POST",
+    path=protocol.APPLY_PATH,
+    close=False,
+    length=True,
+):
+    """
+    The bytes of one HTTP/1.1 request: C{headers} a sequence of (name,
+    value) pairs or a dict of name -> values; Content-Length from the body
+    when C{length} (and a body) is given.
+    """
+    if isinstance(headers, dict):
+        headers = [(name, value) for name, values in headers.items() for value in values]
+    lines = [method + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1"]
+    lines += [name + b": " + value for name, value in headers]
+    if body is not None and length:
+        lines.append(b"Content-Length: %d" % (len(body),))
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
+
+
+def chunked(*chunks):
+    """
+    C{chunks} in chunked transfer coding, with the last chunk.
+    """
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+
+
+def parse_responses(data):
+    """
+    The HTTP/1.1 responses in C{data}, in order, as (status, headers, body):
+    headers a dict of lower-case name -> list of values.  Every answer of
+    the site has a Content-Length; anything after the last complete
+    response is an error.
+    """
+    responses = []
+    while data:
+        head, separator, rest = data.partition(b"\r\n\r\n")
+        if not separator:
+            raise AssertionError("incomplete response: %r" % (data[:200],))
+        status_line, *header_lines = head.split(b"\r\n")
+        version, status, _ = status_line.split(b" ", 2)
+        if version != b"HTTP/1.1":
+            raise AssertionError("not an HTTP/1.1 response: %r" % (status_line,))
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(b":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        [length] = headers[b"content-length"]
+        body, data = rest[: int(length)], rest[int(length) :]
+        responses.append((int(status), headers, body))
+    return responses
+
+
 class _FixedToken:
     """
     A token source that always gives one token, to sign as a sender holding
@@ -146,8 +237,8 @@ class _FixedToken:
 
 class _HeldStore:
     """
-    A VaultStore whose apply waits until the test releases it, so that a
-    request can be caught while its batch is being applied.
+    A VaultStore whose first apply waits until the test releases it, so
+    that a request can be caught while its batch is being applied.
     """
 
     def __init__(self, store: VaultStore) -> None:
@@ -156,6 +247,8 @@ class _HeldStore:
         self.release = Deferred()
 
     def apply_batch(self, *args):
+        if self.reached.called:
+            return self._store.apply_batch(*args)
         self.reached.callback(None)
         return self.release.addCallback(lambda _: self._store.apply_batch(*args))
 
@@ -180,6 +273,10 @@ class ReceiverTestCase(TestCase):
     """
 
     method = "mtls"
+    # The config's defaults.
+    rate_limit = 60
+    ban_after = 10
+    ban_duration = 3600
 
     @inlineCallbacks
     def setUp(self):
@@ -219,6 +316,9 @@ class ReceiverTestCase(TestCase):
                 max_age=MAX_AGE,
                 skew=SKEW,
                 max_request_bytes=MAX_REQUEST_BYTES,
+                rate_limit=self.rate_limit,
+                ban_after=self.ban_after,
+                ban_duration=self.ban_duration,
             )
         )
 
@@ -236,6 +336,10 @@ class ReceiverTestCase(TestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
+        self.audit_path = os.path.join(base, "audit.log")
+        self.audit = AuditLog(self.audit_path, self.clock)
+        self.addCleanup(self.audit.close)
+
         self.port = None
         yield self.serve(self.store)
         self.addCleanup(lambda: self.port.stopListening())
@@ -246,13 +350,19 @@ class ReceiverTestCase(TestCase):
         )
 
     @inlineCallbacks
-    def serve(self, store):
+    def serve(self, store, config=None, own_audit=False):
         """
-        Listen on 127.0.0.1 with the backup's site applying into C{store}.
+        Listen on 127.0.0.1 with the backup's site applying into C{store},
+        auditing into the test's log, or (C{own_audit}) called as the
+        service calls it, without one.
         """
         if self.port is not None:
             yield self.port.stopListening()
-        site = make_site(self.config, store, self.clock, self.token_source, STARTED_AT)
+        arguments = (config or self.config, store, self.clock, self.token_source, STARTED_AT)
+        if own_audit:
+            site = make_site(*arguments)
+        else:
+            site = make_site(*arguments, audit=self.audit)
         self.factory = _Connections(site)
         options = tls.server_options(
             tls.load_identity(
@@ -274,12 +384,19 @@ class ReceiverTestCase(TestCase):
         The body of C{batch} and its headers, signed the way this mode signs.
         """
         body = protocol.serialise(batch)
-        headers = {b"Content-Type": [b"application/json"]}
+        return body, self.sign(body, signer_pop)
+
+    def sign(self, body, signer_pop=PRIMARY):
+        """
+        The headers for C{body}, signed the way this mode signs.
+        """
         if self.method == "mtls":
             signer = protocol.CertificateSigner(self.identities[signer_pop].private_key)
-            headers[protocol.SIGNATURE_HEADER] = [signer.sign(body)]
-            return body, headers
-        return body, self.bearer_headers(body, self.token_source.tokens().current)
+            return {
+                b"Content-Type": [b"application/json"],
+                protocol.SIGNATURE_HEADER: [signer.sign(body)],
+            }
+        return self.bearer_headers(body, self.token_source.tokens().current)
 
     def bearer_headers(self, body, token, hmac_token=None):
         """
@@ -377,8 +494,79 @@ class ReceiverTestCase(TestCase):
         finally:
             vault.close()
 
+    def records(self):
+        """
+        The audit log so far, one JSON object per line.
+        """
+        with open(self.audit_path, "rb") as f:
+            lines = f.read().split(b"\n")
+        self.assertEqual(lines[-1], b"", "the last line is not complete")
+        records = [json.loads(line) for line in lines[:-1]]
+        for record in records:
+            self.assertEqual(set(record), AUDIT_FIELDS)
+        return records
+
     def refusals(self):
-        return [e for e in self.events if "word" in e and "reason" in e]
+        return [r for r in self.records() if r["result"] != "applied"]
+
+    def critical_events(self):
+        return [e for e in self.events if e["log_level"].name == "critical"]
+
+    @inlineCallbacks
+    def raw(self, data, pop=PRIMARY, source="127.0.0.1", deaf=False):
+        """
+        Send C{data} over a TLS connection of its own from C{source} (as
+        C{pop} in mtls mode) and wait until the server has closed it: the
+        client protocol, with what it received.
+        """
+        client = _Collect(data, deaf=deaf)
+        yield self.connect(client, pop, source)
+        yield client.lost
+        yield self.factory.whenAllLost()
+        return client
+
+    def connect(self, client, pop=PRIMARY, source="127.0.0.1"):
+        identity = self.identities[pop] if self.method == "mtls" else None
+        port = self.port.getHost().port
+        creator = tls.BackupPolicy(self.ca, identity).creatorForNetloc(
+            b"127.0.0.1", port
+        )
+        return connectProtocol(
+            wrapClientTLS(
+                creator,
+                TCP4ClientEndpoint(
+                    reactor, "127.0.0.1", port, bindAddress=(source, 0)
+                ),
+            ),
+            client,
+        )
+
+    @inlineCallbacks
+    def pipeline(self, requests, pop=PRIMARY, source="127.0.0.1"):
+        """
+        Send C{requests} (bytes each) in one write on one connection, the
+        last asking to close: the parsed responses.
+        """
+        *first, last = requests
+        client = yield self.raw(b"".join(first) + last, pop, source)
+        return parse_responses(client.received)
+
+    def signed_request(self, batch, signer_pop=PRIMARY, close=False, **kwargs):
+        body, headers = self.signed(batch, signer_pop)
+        return http_request(body, headers, close=close, **kwargs)
+
+    def assertRawRefused(self, response, status, word):
+        """
+        A parsed raw answer is C{status} with exactly C{{"error": word}}
+        and the security headers.
+        """
+        code, headers, body = response
+        self.assertEqual(code, status, body)
+        self.assertEqual(body, json.dumps({"error": word}, separators=(",", ":")).encode())
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+        self.assertEqual(headers[b"x-content-type-options"], [b"nosniff"])
+        self.assertEqual(headers[b"cache-control"], [b"no-store"])
+        self.assertNotIn(b"server", headers)
 
 
 class CertificateModeTests(ReceiverTestCase):
@@ -421,8 +609,9 @@ class CertificateModeTests(ReceiverTestCase):
     @inlineCallbacks
     def test_body_changed_after_signing(self):
         """
-        One byte changed after signing fails authentication, logged at error
-        level as a failed authentication.
+        One byte changed after signing fails authentication, audited as a
+        failed authentication, charged to nothing the body claims, and
+        logged at critical level.
         """
         body, headers = self.signed(self.batch())
         index = body.index(b'"seq":7') + len(b'"seq":')
@@ -431,8 +620,11 @@ class CertificateModeTests(ReceiverTestCase):
         self.assertRefused(result, 401, "unauthenticated")
         self.assertNothingApplied()
         [refusal] = self.refusals()
-        self.assertEqual(refusal["log_level"].name, "error")
         self.assertTrue(refusal["auth_failure"])
+        self.assertIsNone(refusal["claimed_pop"])
+        self.assertEqual(refusal["bytes"], len(changed))
+        [critical] = self.critical_events()
+        self.assertEqual(critical["result"], "unauthenticated")
 
     @inlineCallbacks
     def test_missing_signature(self):
@@ -452,14 +644,17 @@ class CertificateModeTests(ReceiverTestCase):
     def test_stale_timestamp(self):
         """
         A correctly signed batch older than max_request_age is refused with
-        401, logged as stale and not as a failed authentication.
+        401, audited with both clocks and not as a failed authentication.
         """
         result = yield self.send(self.batch(timestamp=NOW - MAX_AGE - 1))
         self.assertRefused(result, 401, "unauthenticated")
         self.assertNothingApplied()
         [refusal] = self.refusals()
         self.assertFalse(refusal["auth_failure"])
-        self.assertEqual(refusal["log_level"].name, "warn")
+        self.assertEqual(refusal["request_timestamp"], NOW - MAX_AGE - 1)
+        self.assertEqual(refusal["backup_clock"], NOW)
+        self.assertEqual(refusal["proven_pop"], PRIMARY)
+        self.assertEqual(self.critical_events(), [])
 
     @inlineCallbacks
     def test_max_request_age_boundary(self):
@@ -647,24 +842,8 @@ class CertificateModeTests(ReceiverTestCase):
         """
         held = _HeldStore(self.store)
         yield self.serve(held)
-        body, headers = self.signed(self.batch())
-        request = (
-            b"POST /api/replication/apply HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\n"
-            b"X-Clavitor-Signature: " + headers[protocol.SIGNATURE_HEADER][0] + b"\r\n"
-            b"Content-Length: %d\r\n\r\n" % (len(body),)
-        ) + body
-        client = _Collect(request)
-        creator = tls.BackupPolicy(self.ca, self.identities[PRIMARY]).creatorForNetloc(
-            b"127.0.0.1", self.port.getHost().port
-        )
-        yield connectProtocol(
-            wrapClientTLS(
-                creator,
-                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
-            ),
-            client,
-        )
+        client = _Collect(self.signed_request(self.batch()))
+        yield self.connect(client)
         yield held.reached
         client.transport.abortConnection()
         yield client.lost
@@ -674,8 +853,9 @@ class CertificateModeTests(ReceiverTestCase):
         self.assertEqual(client.received, b"")
         entries, _ = self.stored()
         self.assertEqual(len(entries), 3)
-        [gone] = [e for e in self.events if e.get("log_format", "").endswith("answer")]
-        self.assertEqual(gone["status"], 200)
+        [record] = self.records()
+        self.assertEqual(record["result"], "applied")
+        self.assertIn("went away", record["reason"])
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @inlineCallbacks
@@ -709,21 +889,9 @@ class CertificateModeTests(ReceiverTestCase):
         """
         On the wire, an answer carries no Server header at all.
         """
-        client = _Collect(
+        client = yield self.raw(
             b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
         )
-        creator = tls.BackupPolicy(self.ca, self.identities[PRIMARY]).creatorForNetloc(
-            b"127.0.0.1", self.port.getHost().port
-        )
-        yield connectProtocol(
-            wrapClientTLS(
-                creator,
-                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
-            ),
-            client,
-        )
-        yield client.lost
-        yield self.factory.whenAllLost()
         head, _, content = client.received.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
         self.assertNotIn(b"server:", head.lower())

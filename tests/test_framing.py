@@ -1,0 +1,356 @@
+"""
+Tests for the HTTP framing of L{clavitor_twisted.receiver}: the body cap while
+the body streams in, framing that is malformed or ambiguous, and pipelining.
+Every request is written byte by byte by the test over a real loopback TLS
+connection, and each would apply a valid signed batch if its framing were
+accepted.
+"""
+
+import dataclasses
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from clavitor_twisted import protocol
+from clavitor_twisted.vault import list_vault_ids
+from tests.test_receiver import (
+    ENTRIES,
+    MAX_REQUEST_BYTES,
+    VAULT_ID,
+    ReceiverTestCase,
+    _Collect,
+    _HeldStore,
+    chunked,
+    http_request,
+    parse_responses,
+)
+
+class _AnnouncingAudit:
+    """
+    Wraps the test's audit log to fire C{recorded} at the first record: the
+    moment the server has decided.
+    """
+
+    def __init__(self, audit) -> None:
+        self._audit = audit
+        self.recorded = Deferred()
+
+    def record(self, attempt) -> None:
+        self._audit.record(attempt)
+        if not self.recorded.called:
+            self.recorded.callback(attempt)
+
+
+class FramingTests(ReceiverTestCase):
+    def headers_of(self, body):
+        """
+        The signed headers of C{body} as (name, value) pairs.
+        """
+        return [(name, value) for name, values in self.sign(body).items() for value in values]
+
+    def padded(self, size, **changes):
+        """
+        A valid signed batch whose body is padded with JSON whitespace to
+        exactly C{size} bytes: (body, headers).
+        """
+        body = protocol.serialise(self.batch(**changes))
+        body += b" " * (size - len(body))
+        self.assertEqual(len(body), size)
+        return body, self.headers_of(body)
+
+    def assertClosedAfter(self, client, status, word):
+        """
+        C{client} got exactly one answer, C{status} with C{word}, telling it
+        the connection closes; then it was closed.
+        """
+        [response] = parse_responses(client.received)
+        self.assertRawRefused(response, status, word)
+        self.assertEqual(response[1][b"connection"], [b"close"])
+
+    def assertOnlyRecord(self, result, status, bytes_received):
+        [record] = self.records()
+        self.assertEqual(
+            (record["result"], record["status"], record["bytes"]),
+            (result, status, bytes_received),
+        )
+        self.assertEqual(record["peer"], "127.0.0.1")
+        return record
+
+    @inlineCallbacks
+    def test_declared_length_over_cap_refused_before_the_body(self):
+        """
+        A Content-Length above max_request_bytes gets 413 as soon as the
+        headers are in: the client sends only the headers and still gets
+        its answer, and the connection is closed.  (A server waiting for
+        the body would leave this test hanging.)
+        """
+        body, headers = self.padded(MAX_REQUEST_BYTES + 1)
+        head = http_request(body, headers)[: -len(body)]
+        client = yield self.raw(head)
+        self.assertClosedAfter(client, 413, "too_large")
+        self.assertNothingApplied()
+        record = self.assertOnlyRecord("too_large", 413, 0)
+        self.assertIn("declared Content-Length", record["reason"])
+
+    @inlineCallbacks
+    def test_declared_length_over_cap_with_expect_continue(self):
+        """
+        A client that asks for C{100 Continue} before sending a body above
+        the cap gets the 413 and nothing else.
+        """
+        body, headers = self.padded(MAX_REQUEST_BYTES + 1)
+        head = http_request(body, headers + [(b"Expect", b"100-continue")])
+        client = yield self.raw(head[: -len(body)])
+        self.assertNotIn(b"100 Continue", client.received)
+        self.assertClosedAfter(client, 413, "too_large")
+
+    @inlineCallbacks
+    def test_declared_length_over_cap_with_the_body(self):
+        """
+        One byte over the cap, the body sent along: 413, nothing applied,
+        nothing of the body read as a next request.
+        """
+        body, headers = self.padded(MAX_REQUEST_BYTES + 1)
+        client = yield self.raw(http_request(body, headers))
+        self.assertClosedAfter(client, 413, "too_large")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_exactly_the_cap_accepted(self):
+        """
+        A valid batch of exactly max_request_bytes is applied, with a
+        Content-Length and chunked.
+        """
+        body, headers = self.padded(MAX_REQUEST_BYTES)
+        [response] = yield self.pipeline([http_request(body, headers, close=True)])
+        self.assertEqual(response[0], 200, response[2])
+        self.assertEqual(len(self.stored()[0]), 3)
+
+        body, headers = self.padded(MAX_REQUEST_BYTES, seq=8)
+        third = len(body) // 3
+        request = http_request(
+            chunked(body[:third], body[third : 2 * third], body[2 * third :]),
+            headers + [(b"Transfer-Encoding", b"chunked")],
+            length=False,
+            close=True,
+        )
+        [response] = yield self.pipeline([request])
+        self.assertEqual(response[0], 200, response[2])
+        self.assertEqual([r["bytes"] for r in self.records()], [MAX_REQUEST_BYTES] * 2)
+
+    @inlineCallbacks
+    def test_chunked_over_cap_cut_off(self):
+        """
+        A chunked body is cut off as soon as it passes the cap: 413 and the
+        connection closed, though the body never ends.  Whatever follows,
+        here more chunks and a valid pipelined request, is never read.
+        """
+        body, headers = self.padded(MAX_REQUEST_BYTES + 1)
+        framed = chunked(body[:100], body[100:])
+        unfinished = framed[: -len(b"0\r\n\r\n")]
+        head = http_request(
+            None, headers + [(b"Transfer-Encoding", b"chunked")], length=False
+        )
+        client = yield self.raw(head + unfinished)
+        self.assertClosedAfter(client, 413, "too_large")
+        self.assertNothingApplied()
+        self.assertOnlyRecord("too_large", 413, MAX_REQUEST_BYTES + 1)
+
+        next_request = self.signed_request(self.batch())
+        client = yield self.raw(
+            head + unfinished + chunked(b" " * 50_000) + next_request
+        )
+        self.assertClosedAfter(client, 413, "too_large")
+        self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_peer_that_does_not_close_is_aborted(self):
+        """
+        After a 413 the server closes; a peer that never completes the close
+        (it stops reading) is aborted after abortTimeout seconds of the
+        site's clock, not kept open.
+        """
+        announcing = _AnnouncingAudit(self.audit)
+        self.audit = announcing
+        yield self.serve(self.store)
+        body, headers = self.padded(MAX_REQUEST_BYTES + 1)
+        client = _Collect(http_request(body, headers)[: -len(body)], deaf=True)
+        yield self.connect(client)
+        yield announcing.recorded
+        [channel] = [p.wrappedProtocol for p in self.factory.protocols]
+        closed = self.factory.whenAllLost()
+        self.assertNoResult(closed)
+        self.clock.advance(channel.abortTimeout)
+        yield closed
+
+        client.transport.abortConnection()
+        yield client.lost
+
+    # Without the abort it hangs: fail sooner than trial's default.
+    test_peer_that_does_not_close_is_aborted.timeout = 20
+
+    def framing_refused(self, request):
+        """
+        C{request} gets one 400 with the security headers and is closed;
+        nothing is applied, and the attempt is audited.
+        """
+        before = len(self.records())
+        client = yield self.raw(request)
+        self.assertClosedAfter(client, 400, "malformed")
+        self.assertNothingApplied()
+        [record] = self.records()[before:]
+        self.assertEqual((record["result"], record["status"]), ("malformed", 400))
+
+    @inlineCallbacks
+    def test_bad_content_length(self):
+        """
+        Content-Length values twisted.web refuses: negative, signed,
+        non-numeric, hexadecimal, empty, a list, non-ASCII digits, two
+        different values, or the same one twice.
+        """
+        body = protocol.serialise(self.batch())
+        n = b"%d" % (len(body),)
+        for values in (
+            [b"-1"],
+            [b"+" + n],
+            [b"abc"],
+            [b"0x10"],
+            [b""],
+            [n + b", " + n],
+            ["\u0661".encode("utf-8")],
+            [n, b"%d" % (len(body) + 1,)],
+            [n, n],
+        ):
+            headers = self.headers_of(body) + [(b"Content-Length", v) for v in values]
+            yield from self.framing_refused(http_request(body, headers, length=False))
+
+    @inlineCallbacks
+    def test_ambiguous_transfer_encoding(self):
+        """
+        Content-Length together with chunked (either order), a coding other
+        than chunked (C{identity}, which twisted.web alone would ignore, or a
+        list), chunked twice, and chunked in HTTP/1.0.
+        """
+        body = protocol.serialise(self.batch())
+        n = b"%d" % (len(body),)
+        te, cl = b"Transfer-Encoding", b"Content-Length"
+        for extra, framed in (
+            ([(cl, n), (te, b"chunked")], chunked(body)),
+            ([(te, b"chunked"), (cl, n)], chunked(body)),
+            ([(te, b"identity"), (cl, n)], body),
+            ([(te, b"identity")], b""),
+            ([(te, b"gzip, chunked")], chunked(body)),
+            ([(te, b"chunked"), (te, b"chunked")], chunked(body)),
+        ):
+            request = http_request(framed, self.headers_of(body) + extra, length=False)
+            yield from self.framing_refused(request)
+        request = http_request(
+            chunked(body),
+            self.headers_of(body) + [(te, b"chunked")],
+            length=False,
+        ).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+        yield from self.framing_refused(request)
+
+    @inlineCallbacks
+    def test_malformed_chunks(self):
+        """
+        A chunk size that is signed, prefixed, not hex or too long, a chunk
+        that does not end in CRLF, a bad chunk extension.
+        """
+        body = protocol.serialise(self.batch())
+        size = b"%x" % (len(body),)
+        for framed in (
+            b"+" + size + b"\r\n" + body + b"\r\n0\r\n\r\n",
+            b"0x" + size + b"\r\n" + body + b"\r\n0\r\n\r\n",
+            b"zz\r\n" + body + b"\r\n0\r\n\r\n",
+            b"0" * 2000 + size + b"\r\n" + body + b"\r\n0\r\n\r\n",
+            size + b"\r\n" + body + b"XX0\r\n\r\n",
+            size + b";a=\x01\r\n" + body + b"\r\n0\r\n\r\n",
+        ):
+            request = http_request(
+                framed,
+                self.headers_of(body) + [(b"Transfer-Encoding", b"chunked")],
+                length=False,
+            )
+            yield from self.framing_refused(request)
+
+    @inlineCallbacks
+    def test_malformed_head(self):
+        """
+        A bad request line, a header without a colon, with a space before
+        the colon, with a NUL, a folded Content-Length.
+        """
+        body = protocol.serialise(self.batch())
+        good = http_request(body, self.headers_of(body))
+        n = b"Content-Length: %d\r\n" % (len(body),)
+        for request in (
+            good.replace(b"POST /", b"POST  /", 1),
+            good.replace(b"Host: 127.0.0.1", b"Host 127.0.0.1", 1),
+            good.replace(n, b"Content-Length : %d\r\n" % (len(body),), 1),
+            good.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\x00", 1),
+            good.replace(n, b"Content-Length: %d\r\n 0\r\n" % (len(body),), 1),
+        ):
+            self.assertNotEqual(request, good)
+            yield from self.framing_refused(request)
+
+    @inlineCallbacks
+    def test_star_is_not_special(self):
+        """
+        C{OPTIONS *} (which twisted.web answers itself) is a JSON 404 like
+        any other unknown path, and audited.
+        """
+        [response] = yield self.pipeline(
+            [http_request(method=b"OPTIONS", path=b"*", close=True)]
+        )
+        self.assertRawRefused(response, 404, "not_found")
+        self.assertOnlyRecord("not_found", 404, 0)
+
+    @inlineCallbacks
+    def test_pipelined_answered_in_order(self):
+        """
+        Requests pipelined on one connection are answered in order, though
+        the first waits for the vault pool and the next ones are answered at
+        once.
+        """
+        held = _HeldStore(self.store)
+        yield self.serve(held)
+        later = dataclasses.replace(ENTRIES[0], version=4)
+        requests = [
+            self.signed_request(self.batch()),
+            http_request(method=b"GET"),
+            http_request(method=b"GET", path=b"/elsewhere"),
+            self.signed_request(self.batch(seq=8, entries=[later])),
+            http_request(b"{}", [(b"Content-Type", b"text/plain")], close=True),
+        ]
+        answered = self.pipeline(requests)
+        yield held.reached
+        held.release.callback(None)
+        responses = yield answered
+        self.assertEqual(
+            [status for status, _, _ in responses], [200, 405, 404, 200, 415]
+        )
+        self.assertEqual(
+            [r["result"] for r in self.records()],
+            ["applied", "method", "not_found", "applied", "media_type"],
+        )
+        self.assertEqual(self.stored()[0][1].version, 4)
+
+    @inlineCallbacks
+    def test_pipelined_after_bad_framing_not_read(self):
+        """
+        After a framing error nothing more on the connection is read: the
+        request before it is answered, the one after it never applied.
+        """
+        body = protocol.serialise(self.batch())
+        other = dataclasses.replace(ENTRIES[0], vault_id="f" * 16)
+        responses = yield self.pipeline(
+            [
+                self.signed_request(self.batch()),
+                http_request(body, self.headers_of(body) + [(b"Content-Length", b"-1")]),
+                self.signed_request(self.batch(seq=8, entries=[other]), close=True),
+            ]
+        )
+        self.assertEqual(responses[0][0], 200)
+        self.assertRawRefused(responses[1], 400, "malformed")
+        self.assertEqual(len(responses), 2)
+        self.assertEqual(list_vault_ids(self.data_dir), [VAULT_ID])
+        self.assertEqual([r["result"] for r in self.records()], ["applied", "malformed"])
