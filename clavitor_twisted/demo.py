@@ -94,11 +94,16 @@ def _auth(demo_pki: DemoPki, pop_id: str, method: str) -> dict:
     return auth
 
 
-def backup_config(demo_pki: DemoPki, data_dir: str, port: int, method: str) -> dict:
+def backup_config(
+    demo_pki: DemoPki, data_dir: str, port: int, method: str, audit_log: str | None = None
+) -> dict:
     """
     The backup's config (as YAML data): listening on loopback C{port},
-    accepting the demo primary.
+    accepting the demo primary, auditing to C{audit_log} if given.
     """
+    security = {"rate_limit_per_minute": 100_000}  # many quick batches while writing
+    if audit_log is not None:
+        security["audit_log"] = audit_log
     return {
         "pop_id": BACKUP_POP,
         "region": "demo",
@@ -107,8 +112,7 @@ def backup_config(demo_pki: DemoPki, data_dir: str, port: int, method: str) -> d
         "listen": {"address": LOOPBACK, "port": port},
         "authorized_pops": [PRIMARY_POP],
         "auth": _auth(demo_pki, BACKUP_POP, method),
-        # The demo sends many batches quickly while it writes.
-        "security": {"rate_limit_per_minute": 100_000},
+        "security": security,
     }
 
 
@@ -330,7 +334,11 @@ class Demo:
         port = free_port()
         backup_path = os.path.join(self.directory, "backup.yaml")
         primary_path = os.path.join(self.directory, "primary.yaml")
-        write_config(backup_path, backup_config(demo_pki, self.backup_dir, port, self.method))
+        audit_log = os.path.join(self.directory, "backup-audit.log")
+        write_config(
+            backup_path,
+            backup_config(demo_pki, self.backup_dir, port, self.method, audit_log),
+        )
         write_config(primary_path, primary_config(demo_pki, self.primary_dir, port, self.method))
         self.say("demo: {} auth, backup on {}:{}, files in {}".format(
             self.method, LOOPBACK, port, self.directory))

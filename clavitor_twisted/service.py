@@ -3,9 +3,9 @@
 The service tree of one POP, built from its config.
 
 L{make_service} gives a L{ReplicationService}: first the vault thread pool,
-then, by role, either the backup's TLS listener or the primary's sender
-(never both: a backup never runs a sender, whatever else its config says),
-and in bearer mode a timer that rereads the token file.  Children start in
+in bearer mode a timer that rereads the token file, then, by role, either
+the backup's audit log and TLS listener or the primary's sender (never
+both: a backup never runs a sender, whatever else its config says).  Children start in
 that order and stop one after another in reverse order, so the sender's
 batch in flight finishes before the vault connections close.
 
@@ -15,6 +15,7 @@ without a traceback.
 """
 
 import os
+import signal
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -31,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from clavitor_twisted import receiver, role, sender, tls
+from clavitor_twisted.audit import AuditLog, install_reopen_on_sighup
 from clavitor_twisted.config import Config, load_config
 from clavitor_twisted.errors import CertificateError, ClavitorError, ConfigError, TokenError
 from clavitor_twisted.tokens import TokenSource
@@ -105,6 +107,31 @@ class SenderService(Service):
         return self.sender.stop()
 
 
+class AuditService(Service):
+    """
+    The backup's audit log: reopened on SIGHUP (for logrotate) while
+    running, closed when stopped, which is after the receiver that records
+    into it has stopped.
+    """
+
+    name = "audit"
+
+    def __init__(self, audit_log: AuditLog, reactor) -> None:
+        self.audit_log = audit_log
+        self._reactor = reactor
+        self._previous_handler = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous_handler = signal.getsignal(signal.SIGHUP)
+        install_reopen_on_sighup(self.audit_log, self._reactor)
+
+    def stopService(self) -> None:
+        super().stopService()
+        signal.signal(signal.SIGHUP, self._previous_handler)
+        self.audit_log.close()
+
+
 @implementer(IStreamServerEndpoint)
 class ObservedEndpoint:
     """
@@ -158,7 +185,11 @@ class ReplicationService(MultiService):
 
 
 def _receiver_service(
-    config: Config, store: VaultStore, reactor, token_source: TokenSource | None
+    config: Config,
+    store: VaultStore,
+    reactor,
+    token_source: TokenSource | None,
+    audit_log: AuditLog,
 ) -> StreamServerEndpointService:
     identity = tls.load_identity(config.auth.mtls_cert, config.auth.mtls_key)
     ca = tls.load_ca(config.auth.mtls_ca)
@@ -166,7 +197,12 @@ def _receiver_service(
         identity, ca, require_client_certificate=config.auth.method == "mtls"
     )
     site = receiver.make_site(
-        config, store, reactor, token_source, started_at=int(reactor.seconds())
+        config,
+        store,
+        reactor,
+        token_source,
+        started_at=int(reactor.seconds()),
+        audit=audit_log,
     )
     endpoint = SSL4ServerEndpoint(
         reactor, config.listen.port, options, interface=config.listen.address
@@ -212,7 +248,10 @@ def make_service(
         replication_sender = sender.make_sender(config, vaults.store, reactor, token_source)
         SenderService(replication_sender).setServiceParent(top)
     else:
-        _receiver_service(config, vaults.store, reactor, token_source).setServiceParent(top)
+        audit_log = AuditLog(config.security.audit_log, reactor)
+        AuditService(audit_log, reactor).setServiceParent(top)
+        listener = _receiver_service(config, vaults.store, reactor, token_source, audit_log)
+        listener.setServiceParent(top)
 
     log.info(
         "clavitor-repl {role} {pop_id}: auth {method}",

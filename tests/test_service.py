@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from clavitor_twisted import demo, service, tls
+from clavitor_twisted.audit import AuditLog
 from clavitor_twisted.config import parse_config
 from clavitor_twisted.role import Role
 from clavitor_twisted.vault import Vault, open_vault_for_writes, vault_path
@@ -71,8 +73,10 @@ class Pop:
         os.mkdir(self.primary_dir)
         os.mkdir(self.backup_dir)
 
-    def backup(self, port=1, **extra):
-        document = demo.backup_config(self.pki, self.backup_dir, port, self.method)
+    def backup(self, port=1, audit_log=None, **extra):
+        document = demo.backup_config(
+            self.pki, self.backup_dir, port, self.method, audit_log
+        )
         document.update(extra)
         return document
 
@@ -105,7 +109,7 @@ class ServiceTreeTests(SynchronousTestCase):
             top = service.make_service(as_config(document), reactor, environ={})
         tree = list(services(top))
         self.assertFalse([s for s in tree if isinstance(s, service.SenderService)])
-        self.assertEqual([s.name for s in top], ["vaults", "receiver"])
+        self.assertEqual([s.name for s in top], ["vaults", "audit", "receiver"])
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertEqual([e["key"] for e in warnings], ["backup_pop"])
 
@@ -133,7 +137,7 @@ class ServiceTreeTests(SynchronousTestCase):
         """
         pop = Pop(self, method="bearer")
         top = service.make_service(as_config(pop.backup()), reactor, environ={})
-        self.assertEqual([s.name for s in top], ["vaults", "tokens", "receiver"])
+        self.assertEqual([s.name for s in top], ["vaults", "tokens", "audit", "receiver"])
         timer = top.getServiceNamed("tokens")
         self.assertEqual(timer.step, service.TOKEN_REFRESH_INTERVAL)
         self.assertIs(timer.clock, reactor)
@@ -211,6 +215,27 @@ class ListenFailureTests(TestCase):
         self.assertEqual(exit.code, 1)
         [event] = [e for e in events if e["log_level"] == LogLevel.critical]
         self.assertEqual(event["port"], taken.getHost().port)
+
+
+class AuditServiceTests(SynchronousTestCase):
+    def test_sighup_reopens_while_running(self):
+        """
+        While running, SIGHUP reopens the audit log (logrotate moved it);
+        stopping restores the previous handler and closes the log.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "audit.log")
+        before = signal.getsignal(signal.SIGHUP)
+        audit = service.AuditService(AuditLog(path, reactor), reactor)
+        audit.startService()
+        self.addCleanup(signal.signal, signal.SIGHUP, before)
+        self.assertIsNot(signal.getsignal(signal.SIGHUP), before)
+        audit.stopService()
+        self.assertIs(signal.getsignal(signal.SIGHUP), before)
+        os.rename(path, path + ".1")
+        audit.audit_log.reopen()
+        self.assertFalse(os.path.exists(path), "a closed log is not reopened")
 
 
 class PluginTests(SynchronousTestCase):
@@ -321,8 +346,8 @@ class ReplicationTests(TestCase):
         self.addCleanup(top.stopService)
         return top
 
-    def start_backup(self, pop):
-        backup = self.start(as_config(pop.backup(), port=0))
+    def start_backup(self, pop, audit_log=None):
+        backup = self.start(as_config(pop.backup(audit_log=audit_log), port=0))
         return backup.getServiceNamed("receiver").endpoint.port.getHost().port
 
     @inlineCallbacks
@@ -346,7 +371,8 @@ class ReplicationTests(TestCase):
         with the same versions, tombstones and data.
         """
         pop = Pop(self)
-        port = self.start_backup(pop)
+        audit_log = os.path.join(pop.directory, "audit.log")
+        port = self.start_backup(pop, audit_log)
         vault = open_vault_for_writes(Role.PRIMARY, pop.primary_dir, VAULT_ID)
         self.addCleanup(vault.close)
         for i in range(5):
@@ -364,6 +390,12 @@ class ReplicationTests(TestCase):
         self.assertEqual(replica["entry-1"], ("entry-1", 2, False, b"changed"))
         self.assertEqual(replica["entry-3"], ("entry-3", 2, True, None))
         self.assertEqual(rows(pop.backup_dir), rows(pop.primary_dir))
+
+        with open(audit_log) as f:
+            records = [json.loads(line) for line in f]
+        self.assertEqual({r["result"] for r in records}, {"applied"})
+        self.assertEqual({r["proven_pop"] for r in records}, {demo.PRIMARY_POP})
+        self.assertEqual(sum(r["entries"] for r in records), 7)
 
     @inlineCallbacks
     def test_stop_waits_for_the_batch_in_flight(self):
