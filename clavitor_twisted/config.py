@@ -109,7 +109,9 @@ class ReplicationConfig:
 @dataclass(frozen=True)
 class SecurityConfig:
     audit_log: str | None = None
-    rate_limit_per_minute: int = 60
+    # Requests, not entries: a primary draining a backlog sends batches back
+    # to back, and 60 (one a second) would hold it to batch_size entries/s.
+    rate_limit_per_minute: int = 600
     ban_after_failures: int = 10
     ban_duration: int = 3600
     max_request_bytes: int = 32 * MiB

@@ -125,7 +125,7 @@ class ValidConfigTests(ConfigTestCase):
                 ),
                 security=SecurityConfig(
                     audit_log=None,
-                    rate_limit_per_minute=60,
+                    rate_limit_per_minute=600,
                     ban_after_failures=10,
                     ban_duration=3600,
                     max_request_bytes=32 * 1024 * 1024,
