@@ -34,6 +34,7 @@ from yaml.events import StreamEndEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .errors import ConfigError
+from .files import read_guarded
 from .role import Role
 
 # A POP id is a DNS label.  \Z rather than $: "$" also matches before a
@@ -578,40 +579,14 @@ def load_config(path: str) -> Config:
     @raise ConfigError: on any problem; neither the path nor an OS error
         text is in C{public}, both are in C{detail}.
     """
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
-    except OSError as error:
-        raise ConfigError(
-            "config: cannot open the config file",
-            "cannot open config file {!r}: {}".format(path, error.strerror),
-        )
-    try:
-        # fstat the open descriptor: the checks and the read are about the
-        # same file, whatever happens to the path meanwhile.
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            raise ConfigError(
-                "config: not a regular file",
-                "config file {!r} is not a regular file".format(path),
-            )
-        if status.st_mode & stat.S_IWOTH:
-            raise ConfigError(
-                "config: the config file is writable by others",
-                "config file {!r} has mode {:o}".format(path, stat.S_IMODE(status.st_mode)),
-            )
-        with os.fdopen(descriptor, "rb", closefd=False) as stream:
-            content = stream.read(MAX_CONFIG_BYTES + 1)
-    except OSError as error:
-        raise ConfigError(
-            "config: cannot read the config file",
-            "cannot read config file {!r}: {}".format(path, error.strerror),
-        )
-    finally:
-        os.close(descriptor)
-    if len(content) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            "config: larger than 1 MiB", "config file {!r} is too large".format(path)
-        )
+    content, _ = read_guarded(
+        path,
+        what="config",
+        error=ConfigError,
+        forbidden_mode=stat.S_IWOTH,
+        refusal="the config file is writable by others",
+        max_bytes=MAX_CONFIG_BYTES,
+    )
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -14,8 +14,6 @@ C{auth.mtls_key}, C{auth.mtls_ca}), the only place these files come from;
 the path goes to C{detail} only.
 """
 
-import os
-import stat
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -26,10 +24,14 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from clavitor_twisted.errors import CertificateError
+from clavitor_twisted.files import GROUP_OR_OTHERS, read_guarded
 
 CERT_KEY = "auth.mtls_cert"
 KEY_KEY = "auth.mtls_key"
 CA_KEY = "auth.mtls_ca"
+
+# No certificate or key file of ours is near this size.
+MAX_PEM_BYTES = 1024 * 1024
 
 # The most the client and the server accept below: nothing older than 1.3.
 _TLS_MINIMUM = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_3}
@@ -48,14 +50,15 @@ class PopIdentity:
 
 
 def _read(path: str, config_key: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise CertificateError(
-            config_key + ": cannot read the file",
-            "cannot read {}: {}".format(path, e.strerror),
-        )
+    content, _ = read_guarded(
+        path,
+        what=config_key,
+        error=CertificateError,
+        forbidden_mode=0,
+        refusal="",
+        max_bytes=MAX_PEM_BYTES,
+    )
+    return content
 
 
 def _one_certificate(pem: bytes, config_key: str, path: str) -> x509.Certificate:
@@ -76,30 +79,16 @@ def _one_certificate(pem: bytes, config_key: str, path: str) -> x509.Certificate
 def _read_private_key(path: str) -> bytes:
     """
     Read a key file, refusing one that group or others may read or write.
-    The mode is checked on the opened file, so it is the file read.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise CertificateError(
-            KEY_KEY + ": cannot read the file",
-            "cannot open {}: {}".format(path, e.strerror),
-        )
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise CertificateError(
-                KEY_KEY + ": not a regular file", "{} is not a file".format(path)
-            )
-        if mode & 0o077:
-            raise CertificateError(
-                KEY_KEY + ": group or others have access (chmod 600)",
-                "{} has mode {:o}".format(path, stat.S_IMODE(mode)),
-            )
-        with open(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
+    content, _ = read_guarded(
+        path,
+        what=KEY_KEY,
+        error=CertificateError,
+        forbidden_mode=GROUP_OR_OTHERS,
+        refusal="group or others have access (chmod 600)",
+        max_bytes=MAX_PEM_BYTES,
+    )
+    return content
 
 
 def load_identity(cert_path: str, key_path: str) -> PopIdentity:

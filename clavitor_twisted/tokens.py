@@ -18,7 +18,6 @@ compared with C{hmac.compare_digest}.
 import hmac
 import os
 import secrets
-import stat
 import tempfile
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .errors import TokenError
+from .files import GROUP_OR_OTHERS, read_guarded
 
 MIN_TOKEN_BYTES = 32
 MAX_TOKEN_BYTES = 1024
@@ -188,36 +188,14 @@ def _read(path: str) -> tuple[TokenSet, tuple[int, ...]]:
     Read and check a token file; return its tokens and the stamp of exactly
     the file that was read.
     """
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
-    except OSError as error:
-        raise TokenError(
-            "token file: cannot be read",
-            "cannot open token file {!r}: {}".format(path, error.strerror),
-        )
-    try:
-        # fstat the open descriptor: the checks and the read are about the
-        # same file, whatever happens to the path meanwhile.
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            raise TokenError(
-                "token file: not a regular file",
-                "token file {!r} is not a regular file".format(path),
-            )
-        if status.st_mode & 0o077:
-            raise TokenError(
-                "token file: readable or writable by group or others (use mode 0600)",
-                "token file {!r} has mode {:o}".format(path, stat.S_IMODE(status.st_mode)),
-            )
-        with os.fdopen(descriptor, "rb", closefd=False) as stream:
-            content = stream.read(MAX_TOKEN_FILE_BYTES + 1)
-    except OSError as error:
-        raise TokenError(
-            "token file: cannot be read",
-            "cannot read token file {!r}: {}".format(path, error.strerror),
-        )
-    finally:
-        os.close(descriptor)
+    content, status = read_guarded(
+        path,
+        what="token file",
+        error=TokenError,
+        forbidden_mode=GROUP_OR_OTHERS,
+        refusal="readable or writable by group or others (use mode 0600)",
+        max_bytes=MAX_TOKEN_FILE_BYTES,
+    )
     try:
         return _parse(content), _stamp(status)
     except TokenError as error:
@@ -228,8 +206,6 @@ def _parse(content: bytes) -> TokenSet:
     """
     The tokens of a token file's content.
     """
-    if len(content) > MAX_TOKEN_FILE_BYTES:
-        raise TokenError("token file: larger than 4096 bytes")
     lines = content.split(b"\n")
     lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
     while lines and lines[-1] == b"":

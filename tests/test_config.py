@@ -934,7 +934,7 @@ class LoadConfigTests(SynchronousTestCase):
         A missing file names neither the path nor the OS error in public.
         """
         error = self.refused()
-        self.assertEqual(error.public, "config: cannot open the config file")
+        self.assertEqual(error.public, "config: cannot be read")
         self.assertNotIn("No such file", error.public)
         self.assertIn("No such file", error.detail)
 
@@ -945,7 +945,7 @@ class LoadConfigTests(SynchronousTestCase):
         if os.geteuid() == 0:
             raise self.skipTest("root reads files whatever their mode")
         self.write(PRIMARY.encode(), mode=0o000)
-        self.assertEqual(self.refused().public, "config: cannot open the config file")
+        self.assertEqual(self.refused().public, "config: cannot be read")
 
     def test_directory(self) -> None:
         self.assertEqual(self.refused(self.directory).public, "config: not a regular file")
@@ -975,7 +975,7 @@ class LoadConfigTests(SynchronousTestCase):
 
     def test_too_large(self) -> None:
         self.write(PRIMARY.encode() + b"#" * (1024 * 1024))
-        self.assertEqual(self.refused().public, "config: larger than 1 MiB")
+        self.assertEqual(self.refused().public, "config: larger than 1048576 bytes")
 
     def test_bom(self) -> None:
         """

@@ -36,7 +36,6 @@ from clavitor_twisted.sender import (
     MAX_ANSWER_BYTES,
     Answer,
     Backoff,
-    HttpsPoster,
     Sender,
     make_sender,
 )
