@@ -7,9 +7,9 @@ first.  As soon as its headers are in, L{_ApiRequest} refuses framing it
 cannot trust (400) or a declared body above C{max_request_bytes} (413, the
 connection closed before the body is read), and asks the L{Defences} whether
 the peer address (and, in C{mtls}, the POPs its certificate proves) is
-banned (403) or over its rate (429); a refused request's body is read past
-and dropped, never buffered or verified.  A body that streams past the cap
-is cut off (413, connection closed).  L{ApplyResource} then checks method,
+banned (403) or over its rate (429); such a request is answered once its
+(capped) body is in, never parsed or verified.  A body that streams past
+the cap is cut off (413, connection closed).  L{ApplyResource} then checks method,
 media type, the signature on the raw bytes, the strict parse, the identity
 the credential proves (and, in C{bearer}, that POP's ban and rate),
 authorisation, target, freshness and the nonce; only then is the batch
@@ -356,10 +356,10 @@ class _ApiRequest(server.Request):
 
     The body is kept in memory, never more than C{max_request_bytes} of it.
     A refusal decided on the headers alone (ban, rate) is answered once the
-    body has gone by, unread, so the connection stays usable; one that
-    leaves the body's end in doubt (too large, untrusted framing) is
-    answered at once and the connection closed.  Either way the resources
-    never see the request.
+    body is in, never parsed or verified, so the connection stays usable;
+    one that leaves the body's end in doubt (too large, untrusted framing)
+    is answered at once and the connection closed.  Either way the
+    resources never see the request.
     """
 
     def __init__(self, channel: _ApiChannel, *args, **kwargs) -> None:
@@ -407,7 +407,7 @@ class _ApiRequest(server.Request):
         self.attempt.bytes += len(data)
         if self.attempt.bytes > self._defences.max_request_bytes:
             self._cut(TooLarge("chunked body passed max_request_bytes"))
-        elif self._refusal is None:
+        else:
             self.content.write(data)
 
     def _cut(self, refusal: RequestRefused) -> None:

@@ -185,9 +185,6 @@ class FramingTests(ReceiverTestCase):
         client.transport.abortConnection()
         yield client.lost
 
-    # Without the abort it hangs: fail sooner than trial's default.
-    test_peer_that_does_not_close_is_aborted.timeout = 20
-
     def framing_refused(self, request):
         """
         C{request} gets one 400 with the security headers and is closed;

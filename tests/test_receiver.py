@@ -4,14 +4,20 @@ Tests for L{clavitor_twisted.receiver}: the real site over real loopback TLS
 L{VaultStore} on a real thread pool.
 """
 
+import base64
 import dataclasses
 import json
 import os
 import sqlite3
 from io import BytesIO
 
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
 from OpenSSL import SSL
-from zope.interface import implementer
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import (
@@ -36,9 +42,10 @@ from twisted.web.client import (
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
+from zope.interface import implementer
 
 from clavitor_twisted import pki, protocol, tls
-from clavitor_twisted.audit import AuditLog
+from clavitor_twisted.audit import AuditLog, fingerprint
 from clavitor_twisted.config import parse_config
 from clavitor_twisted.errors import RateLimited
 from clavitor_twisted.receiver import make_site
@@ -60,6 +67,7 @@ MAX_AGE = 300
 SKEW = 30
 MAX_REQUEST_BYTES = 8192
 VAULT_ID = "0123456789abcdef"
+PARTNER_VAULT_ID = "fedcba9876543210"
 
 CONFIG = """\
 pop_id: {backup}
@@ -273,6 +281,9 @@ class ReceiverTestCase(TestCase):
     """
 
     method = "mtls"
+    # A test left waiting (for an answer the server should have sent) fails
+    # well before trial's default of two minutes.
+    timeout = 30
     # The config's defaults.
     rate_limit = 60
     ban_after = 10
@@ -363,6 +374,7 @@ class ReceiverTestCase(TestCase):
             site = make_site(*arguments)
         else:
             site = make_site(*arguments, audit=self.audit)
+        self.site = site
         self.factory = _Connections(site)
         options = tls.server_options(
             tls.load_identity(
@@ -513,16 +525,18 @@ class ReceiverTestCase(TestCase):
         return [e for e in self.events if e["log_level"].name == "critical"]
 
     @inlineCallbacks
-    def raw(self, data, pop=PRIMARY, source="127.0.0.1", deaf=False):
+    def raw(self, data, pop=PRIMARY, source="127.0.0.1", alone=True):
         """
         Send C{data} over a TLS connection of its own from C{source} (as
-        C{pop} in mtls mode) and wait until the server has closed it: the
-        client protocol, with what it received.
+        C{pop} in mtls mode) and wait until it is closed (and, if C{alone},
+        until the server has no connection left): the client protocol,
+        with what it received.
         """
-        client = _Collect(data, deaf=deaf)
+        client = _Collect(data)
         yield self.connect(client, pop, source)
         yield client.lost
-        yield self.factory.whenAllLost()
+        if alone:
+            yield self.factory.whenAllLost()
         return client
 
     def connect(self, client, pop=PRIMARY, source="127.0.0.1"):
@@ -544,11 +558,11 @@ class ReceiverTestCase(TestCase):
     @inlineCallbacks
     def pipeline(self, requests, pop=PRIMARY, source="127.0.0.1"):
         """
-        Send C{requests} (bytes each) in one write on one connection, the
-        last asking to close: the parsed responses.
+        Send C{requests} (bytes each, the last asking to close) in one
+        write on one connection: the parsed responses.
         """
-        *first, last = requests
-        client = yield self.raw(b"".join(first) + last, pop, source)
+        self.assertIn(b"\r\nConnection: close\r\n", requests[-1])
+        client = yield self.raw(b"".join(requests), pop, source)
         return parse_responses(client.received)
 
     def signed_request(self, batch, signer_pop=PRIMARY, close=False, **kwargs):
@@ -737,6 +751,12 @@ class CertificateModeTests(ReceiverTestCase):
         entries, owner = self.stored()
         self.assertEqual(owner, PRIMARY)
         self.assertEqual(entries[1].data, b"ciphertext one")
+        refusal = self.records()[-1]
+        self.assertEqual(
+            (refusal["status"], refusal["claimed_pop"], refusal["proven_pop"]),
+            (403, PARTNER, PARTNER),
+        )
+        self.assertFalse(refusal["auth_failure"])
 
     @inlineCallbacks
     def test_wrong_target(self):
@@ -1000,3 +1020,405 @@ class BearerModeTests(ReceiverTestCase):
         self.assertRefused((yield self.post(body, headers)), 401, "unauthenticated")
         body = protocol.serialise(self.batch())
         self.assertApplied((yield self.post(body, self.bearer_headers(body, newest))), applied=3)
+
+
+class _DefenceTests:
+    """
+    The guard chain, for both modes: bans, rate limits, the audit log.
+    Small limits, so that they are reached in a few requests.
+    """
+
+    rate_limit = 10  # a token every 6 seconds
+    ban_after = 3
+    ban_duration = 600
+
+    def forged(self, batch, close=False):
+        """
+        A request for C{batch} that fails authentication.
+        """
+        body, headers = self.forged_parts(batch)
+        return http_request(body, headers, close=close)
+
+    def forged_parts(self, batch):
+        """
+        The body of C{batch} and headers that fail authentication: signed
+        with a key no certificate has (mtls), with a token that is not ours
+        (bearer).
+        """
+        body = protocol.serialise(batch)
+        if self.method == "mtls":
+            signer = protocol.CertificateSigner(ec.generate_private_key(ec.SECP256R1()))
+            headers = {
+                b"Content-Type": [b"application/json"],
+                protocol.SIGNATURE_HEADER: [signer.sign(body)],
+            }
+        else:
+            headers = self.bearer_headers(body, generate_token())
+        return body, headers
+
+    def credentials(self, headers):
+        """
+        The secret parts of C{headers}: the signature value, the bearer
+        token.
+        """
+        [signature] = headers[protocol.SIGNATURE_HEADER]
+        found = [signature.split(b"=", 1)[1]]
+        for value in headers.get(b"Authorization", []):
+            found.append(value.split(b" ", 1)[1])
+        return found
+
+    def now(self):
+        return int(self.clock.seconds())
+
+    def partner_batch(self, **changes):
+        entries = [dataclasses.replace(e, vault_id=PARTNER_VAULT_ID) for e in ENTRIES]
+        return self.batch(source_pop=PARTNER, entries=entries, **changes)
+
+    @inlineCallbacks
+    def test_flood_leaves_authorised_pop_served(self):
+        """
+        1,000 requests that fail authentication, pipelined from another
+        address: the first ban_after are refused as unauthenticated, the
+        rest as banned, each answered and audited; then the primary's batch
+        is applied as usual.
+        """
+        count = 1000
+        flood = [self.forged(self.batch()) for _ in range(count - 1)]
+        flood.append(self.forged(self.batch(), close=True))
+        responses = yield self.pipeline(flood, pop=STRANGER, source="127.0.0.2")
+        expected = [(401, "unauthenticated")] * self.ban_after
+        expected += [(403, "forbidden")] * (count - self.ban_after)
+        self.assertEqual(
+            [(status, json.loads(body)["error"]) for status, _, body in responses],
+            expected,
+        )
+        self.assertApplied((yield self.send(self.batch())), applied=3)
+        records = self.records()
+        self.assertEqual(len(records), count + 1)
+        self.assertEqual(sum(r["auth_failure"] for r in records), self.ban_after)
+        self.assertEqual(self.audit.counts["auth_failure"], self.ban_after)
+
+    @inlineCallbacks
+    def test_rate_limit_per_address(self):
+        """
+        The per-address limit comes before any other check (a GET gets 429,
+        not 405) with Retry-After in seconds; a token returns after that
+        many seconds of the clock.
+        """
+        requests = [http_request(method=b"GET") for _ in range(self.rate_limit)]
+        requests.append(http_request(method=b"GET", close=True))
+        responses = yield self.pipeline(requests)
+        statuses = [status for status, _, _ in responses]
+        self.assertEqual(statuses, [405] * self.rate_limit + [429])
+        self.assertRawRefused(responses[-1], 429, "rate_limited")
+        self.assertEqual(responses[-1][1][b"retry-after"], [b"6"])
+        self.assertEqual(
+            self.records()[-1]["reason"], "rate limit reached by address:127.0.0.1"
+        )
+        self.clock.advance(5)
+        [response] = yield self.pipeline([http_request(method=b"GET", close=True)])
+        self.assertEqual(response[0], 429)
+        self.clock.advance(1)
+        [response] = yield self.pipeline([http_request(method=b"GET", close=True)])
+        self.assertEqual(response[0], 405)
+
+    @inlineCallbacks
+    def test_stale_never_counts_towards_a_ban(self):
+        """
+        Correctly signed requests that are too old are refused and audited
+        but ban nobody: the next fresh batch applies.
+        """
+        stale = [
+            self.signed_request(self.batch(timestamp=NOW - MAX_AGE - 1))
+            for _ in range(self.ban_after + 1)
+        ]
+        responses = yield self.pipeline(stale + [self.signed_request(self.batch(), close=True)])
+        self.assertEqual(
+            [status for status, _, _ in responses], [401] * (self.ban_after + 1) + [200]
+        )
+        self.assertFalse(any(r["auth_failure"] for r in self.records()))
+
+    @inlineCallbacks
+    def test_success_clears_failures(self):
+        """
+        A successful authentication clears the failures counted so far: two
+        failures, a success, two more failures ban nobody.
+        """
+        def valid(close=False):
+            return self.signed_request(self.partner_batch(), signer_pop=PARTNER, close=close)
+
+        def forged():
+            return self.forged(self.partner_batch())
+
+        requests = [forged(), forged(), valid(), forged(), forged(), valid(close=True)]
+        responses = yield self.pipeline(requests, pop=PARTNER, source="127.0.0.2")
+        self.assertEqual(
+            [status for status, _, _ in responses], [401, 401, 200, 401, 401, 200]
+        )
+
+    @inlineCallbacks
+    def test_bad_batch_creates_nothing(self):
+        """
+        Correctly signed batches with vault ids that are not ours (a path,
+        upper case, too short) are malformed, and no file or directory is
+        created anywhere.
+        """
+        base = os.path.dirname(self.data_dir)
+        before = sorted(os.listdir(base))
+        good = protocol.serialise(self.batch())
+        for vault_id in (b"../../../escaped", b"0123456789ABCDEF", b"0123"):
+            body = good.replace(VAULT_ID.encode(), vault_id)
+            self.assertNotEqual(body, good)
+            [response] = yield self.pipeline(
+                [http_request(body, self.sign(body), close=True)]
+            )
+            self.assertRawRefused(response, 400, "malformed")
+        self.assertEqual(os.listdir(self.data_dir), [])
+        self.assertEqual(sorted(os.listdir(base)), before)
+        self.assertFalse(os.path.exists(os.path.join(base, "..", "escaped")))
+
+    @inlineCallbacks
+    def test_concurrent_identical_requests_apply_once(self):
+        """
+        The same request on a second connection while the first is being
+        applied is refused as a replay (and not as a failed
+        authentication); the batch is applied once.
+        """
+        held = _HeldStore(self.store)
+        yield self.serve(held)
+        request = self.signed_request(self.batch(), close=True)
+        first = _Collect(request)
+        yield self.connect(first)
+        yield held.reached
+        second = yield self.raw(request, alone=False)
+        held.release.callback(None)
+        yield first.lost
+        [replayed] = parse_responses(second.received)
+        self.assertRawRefused(replayed, 401, "unauthenticated")
+        [applied] = parse_responses(first.received)
+        self.assertEqual(json.loads(applied[2])["applied"], 3)
+        refusal, success = self.records()
+        self.assertEqual(refusal["reason"], "nonce already seen")
+        self.assertFalse(refusal["auth_failure"])
+        self.assertEqual(success["result"], "applied")
+
+    @inlineCallbacks
+    def test_audit_log_reads_back(self):
+        """
+        Every attempt, whatever its outcome or the point where it was
+        refused, is one line of JSON with all the fields; no signature, key
+        or token is in the file.
+        """
+        body, headers = self.signed(self.batch())
+        forged_body, forged_headers = self.forged_parts(self.batch())
+        over = b" " * (MAX_REQUEST_BYTES + 1)
+        requests = [
+            http_request(body, headers),
+            http_request(forged_body, forged_headers),
+            http_request(method=b"GET"),
+            http_request(method=b"GET", path=b"/x"),
+            http_request(over, [(b"Content-Type", b"application/json")], close=True),
+        ]
+        responses = yield self.pipeline(requests)
+        self.assertEqual(
+            [status for status, _, _ in responses], [200, 401, 405, 404, 413]
+        )
+        [bad] = yield self.pipeline([http_request(method=b"GET\x00", close=True)])
+        self.assertEqual(bad[0], 400)
+        records = self.records()
+        self.assertEqual(
+            [r["result"] for r in records],
+            ["applied", "unauthenticated", "method", "not_found", "too_large", "malformed"],
+        )
+        applied = records[0]
+        self.assertEqual(
+            {k: applied[k] for k in ("time", "backup_clock", "duration")},
+            {"time": NOW, "backup_clock": NOW, "duration": 0},
+        )
+        self.assertEqual(
+            {k: applied[k] for k in ("peer", "claimed_pop", "proven_pop", "entries")},
+            {"peer": "127.0.0.1", "claimed_pop": PRIMARY, "proven_pop": PRIMARY, "entries": 3},
+        )
+        self.assertEqual(
+            (applied["vaults"], applied["bytes"], applied["request_timestamp"]),
+            (1, len(body), NOW),
+        )
+        self.assertEqual(applied["reason"], "epoch 1 seq 7: applied 3, skipped 0")
+        with open(self.audit_path, "rb") as f:
+            written = f.read()
+        secrets = self.credentials(headers) + self.credentials(forged_headers)
+        for secret in secrets + self.secrets():
+            self.assertGreaterEqual(len(secret), 32)
+            self.assertNotIn(secret[-32:], written)
+        return records
+
+    @inlineCallbacks
+    def test_audit_log_from_the_config_by_default(self):
+        """
+        Called as the service calls it, without an audit log, the site
+        writes to security.audit_log.
+        """
+        path = os.path.join(os.path.dirname(self.data_dir), "configured.log")
+        config = dataclasses.replace(
+            self.config,
+            security=dataclasses.replace(self.config.security, audit_log=path),
+        )
+        yield self.serve(self.store, config=config, own_audit=True)
+        self.addCleanup(self.site.defences.audit.close)
+        self.assertApplied((yield self.send(self.batch())), applied=3)
+        with open(path, "rb") as f:
+            [line] = f.read().splitlines()
+        self.assertEqual(json.loads(line)["result"], "applied")
+        self.assertEqual(self.records(), [])
+
+
+class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
+    def secrets(self):
+        """
+        The primary's private key, as hex and base64 of its DER.
+        """
+        der = self.identities[PRIMARY].private_key.private_bytes(
+            Encoding.DER, PrivateFormat.PKCS8, NoEncryption()
+        )
+        return [der.hex().encode(), base64.b64encode(der)]
+
+    @inlineCallbacks
+    def test_audit_log_reads_back(self):
+        records = yield super().test_audit_log_reads_back()
+        der = self.identities[PRIMARY].certificate.public_bytes(Encoding.DER)
+        self.assertEqual(
+            [r["fingerprint"] for r in records],
+            [fingerprint(der)] * len(records),
+        )
+
+    @inlineCallbacks
+    def test_ban_of_one_pop_leaves_another_replicating(self):
+        """
+        Failures over the partner's certificate ban the partner (not the
+        POP its bodies claim, not the address they share with the primary):
+        the partner is refused with 403 before any signature work, the
+        primary behind the same address replicates on, and the ban lifts by
+        itself after ban_duration.
+        """
+        forged = [self.forged(self.batch()) for _ in range(self.ban_after - 1)]
+        forged.append(self.forged(self.batch(), close=True))
+        responses = yield self.pipeline(forged, pop=PARTNER)
+        self.assertEqual([s for s, _, _ in responses], [401] * self.ban_after)
+        self.assertTrue(
+            self.records()[-1]["reason"].endswith("ban starts for pop:geneva-01")
+        )
+        self.assertApplied((yield self.send(self.batch())), applied=3)
+
+        unsigned = http_request(
+            b"{}", [(b"Content-Type", b"application/json")], close=True
+        )
+        responses = yield self.pipeline(
+            [self.signed_request(self.partner_batch(), signer_pop=PARTNER), unsigned],
+            pop=PARTNER,
+        )
+        for response in responses:
+            self.assertRawRefused(response, 403, "forbidden")
+        self.assertEqual(self.records()[-1]["reason"], "banned: pop:geneva-01")
+        self.assertEqual(list_vault_ids(self.data_dir), [VAULT_ID])
+
+        later = self.batch(seq=8, timestamp=self.now())
+        self.assertApplied((yield self.send(later)), applied=0, skipped=3, seq=8)
+        self.clock.advance(self.ban_duration)
+        result = yield self.send(
+            self.partner_batch(timestamp=self.now()), pop=PARTNER
+        )
+        self.assertApplied(result, applied=3)
+
+    @inlineCallbacks
+    def test_rate_limit_per_pop(self):
+        """
+        Each POP the certificate proves has its own bucket, whatever the
+        address: the primary, drained from one address, is limited from
+        another too, where the partner is not.
+        """
+        requests = [http_request(method=b"GET") for _ in range(self.rate_limit - 1)]
+        requests.append(http_request(method=b"GET", close=True))
+        yield self.pipeline(requests)
+        [response] = yield self.pipeline(
+            [http_request(method=b"GET", close=True)], source="127.0.0.3"
+        )
+        self.assertRawRefused(response, 429, "rate_limited")
+        self.assertEqual(
+            self.records()[-1]["reason"], "rate limit reached by pop:calgary-01"
+        )
+        [response] = yield self.pipeline(
+            [self.signed_request(self.partner_batch(), signer_pop=PARTNER, close=True)],
+            pop=PARTNER,
+            source="127.0.0.3",
+        )
+        self.assertEqual(response[0], 200)
+
+
+class BearerDefenceTests(_DefenceTests, ReceiverTestCase):
+    method = "bearer"
+
+    def secrets(self):
+        return [self.current, self.previous]
+
+    @inlineCallbacks
+    def test_audit_log_reads_back(self):
+        """
+        No token and no fingerprint of one is recorded.
+        """
+        records = yield super().test_audit_log_reads_back()
+        self.assertEqual({r["fingerprint"] for r in records}, {None})
+        with open(self.audit_path, "rb") as f:
+            written = f.read()
+        for token in (self.current, self.previous):
+            self.assertNotIn(fingerprint(token).encode(), written)
+
+    @inlineCallbacks
+    def test_ban_by_address(self):
+        """
+        Without a verified token no POP is proven: failures are charged to
+        the address (not to the POP the bodies claim), which is refused even
+        with the right token until the ban lifts; the primary from another
+        address replicates on.
+        """
+        forged = [self.forged(self.batch()) for _ in range(self.ban_after - 1)]
+        forged.append(self.forged(self.batch(), close=True))
+        responses = yield self.pipeline(forged, source="127.0.0.2")
+        self.assertEqual([s for s, _, _ in responses], [401] * self.ban_after)
+        self.assertTrue(
+            self.records()[-1]["reason"].endswith("ban starts for address:127.0.0.2")
+        )
+        [response] = yield self.pipeline(
+            [self.signed_request(self.batch(), close=True)], source="127.0.0.2"
+        )
+        self.assertRawRefused(response, 403, "forbidden")
+        self.assertApplied((yield self.send(self.batch())), applied=3)
+        self.clock.advance(self.ban_duration)
+        [response] = yield self.pipeline(
+            [self.signed_request(self.batch(seq=8, timestamp=self.now()), close=True)],
+            source="127.0.0.2",
+        )
+        self.assertEqual(response[0], 200)
+
+    @inlineCallbacks
+    def test_rate_limit_per_pop(self):
+        """
+        Once the token verified, the POP of the body has its own bucket,
+        whatever the address; a body that fails authentication takes
+        nothing from the bucket of the POP it claims.
+        """
+        requests = [self.signed_request(self.batch()) for _ in range(self.rate_limit - 1)]
+        requests.append(self.signed_request(self.batch(), close=True))
+        responses = yield self.pipeline(requests)
+        self.assertEqual([s for s, _, _ in responses], [200] * self.rate_limit)
+        responses = yield self.pipeline(
+            [
+                self.forged(self.batch()),
+                self.signed_request(self.batch()),
+                self.signed_request(self.partner_batch(), close=True),
+            ],
+            source="127.0.0.3",
+        )
+        self.assertEqual([s for s, _, _ in responses], [401, 429, 200])
+        self.assertEqual(
+            self.records()[-2]["reason"], "rate limit reached by pop:calgary-01"
+        )
