@@ -645,17 +645,24 @@ class VaultStore:
             self._broken.discard(vault_id)
         return result
 
-    def dirty_batch(self, max_entries: int, max_bytes: int) -> "Deferred[list[Entry]]":
+    def dirty_batch(
+        self, max_entries: int, max_bytes: int, exclude: frozenset[str] = frozenset()
+    ) -> "Deferred[list[Entry]]":
         """
         Up to C{max_entries} dirty entries with at most C{max_bytes} of data
         (or one larger entry alone), across vaults.  Each batch starts with
         the vault after the one the previous batch started with, so one big
         backlog cannot starve the other vaults; each vault is read with a
         limit, so the backlog stays on disk.
-        """
-        return self._run(self._dirty_batch, max_entries, max_bytes)
 
-    def _dirty_batch(self, max_entries: int, max_bytes: int) -> list[Entry]:
+        The vaults in C{exclude} are not read at all (the sender holds back a
+        vault the backup refuses); their entries stay dirty.
+        """
+        return self._run(self._dirty_batch, max_entries, max_bytes, frozenset(exclude))
+
+    def _dirty_batch(
+        self, max_entries: int, max_bytes: int, exclude: frozenset[str]
+    ) -> list[Entry]:
         _check_int("max_entries", max_entries, 1, MAX_VERSION)
         _check_int("max_bytes", max_bytes, 0, MAX_VERSION)
         ids = list_vault_ids(self._data_dir)
@@ -669,6 +676,8 @@ class VaultStore:
         for vault_id in ids[start:] + ids[:start]:
             if len(batch) >= max_entries or (batch and size >= max_bytes):
                 break
+            if vault_id in exclude:
+                continue
             found = self._read(
                 vault_id,
                 lambda vault: vault.dirty_entries(

@@ -653,6 +653,44 @@ class VaultStoreTests(TestCase):
         yield self.assertFailure(self.store.dirty_batch(0, 100), ValueError)
 
     @inlineCallbacks
+    def test_dirty_batch_exclude(self):
+        """
+        Excluded vaults give nothing and keep their entries dirty; the others
+        still take turns; once no longer excluded, a vault's entries come.
+        """
+        for vault_id in (VAULT_A, VAULT_B, VAULT_C):
+            self.write(vault_id, "e1", "e2", "e3")
+        starts = []
+        for _ in range(4):
+            batch = yield self.store.dirty_batch(2, 1 << 20, exclude=frozenset({VAULT_A}))
+            self.assertEqual(len(batch), 2)
+            self.assertNotIn(VAULT_A, {e.vault_id for e in batch})
+            starts.append(batch[0].vault_id)
+        self.assertEqual(starts, [VAULT_B, VAULT_C, VAULT_B, VAULT_C])
+        batch = yield self.store.dirty_batch(10, 1 << 20, exclude=frozenset({VAULT_A, VAULT_B}))
+        self.assertEqual([(e.vault_id, e.entry_id) for e in batch],
+                         [(VAULT_C, "e1"), (VAULT_C, "e2"), (VAULT_C, "e3")])
+        backlog = yield self.store.backlog()
+        self.assertEqual(backlog, {VAULT_A: 3, VAULT_B: 3, VAULT_C: 3})
+        batch = yield self.store.dirty_batch(10, 1 << 20, exclude=frozenset({VAULT_B, VAULT_C}))
+        self.assertEqual([e.vault_id for e in batch], [VAULT_A] * 3)
+        batch = yield self.store.dirty_batch(10, 1 << 20, exclude=frozenset({"f" * 16}))
+        self.assertEqual(len(batch), 9)
+
+    @inlineCallbacks
+    def test_excluded_vault_not_read(self):
+        """
+        An excluded vault is not even opened: a broken one logs nothing.
+        """
+        errors = self.capture_errors()
+        with open(vault_path(self.data_dir, VAULT_A), "wb") as f:
+            f.write(b"garbage " * 1000)
+        self.write(VAULT_B, "e1")
+        batch = yield self.store.dirty_batch(10, 1000, exclude=frozenset({VAULT_A}))
+        self.assertEqual([e.vault_id for e in batch], [VAULT_B])
+        self.assertEqual(errors, [])
+
+    @inlineCallbacks
     def test_new_vault_picked_up(self):
         batch = yield self.store.dirty_batch(10, 1000)
         self.assertEqual(batch, [])
