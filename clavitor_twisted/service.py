@@ -191,7 +191,7 @@ def _receiver_service(
     token_source: TokenSource | None,
     audit_log: AuditLog,
 ) -> StreamServerEndpointService:
-    identity = tls.load_identity(config.auth.mtls_cert, config.auth.mtls_key)
+    identity = tls.load_pop_identity(config.auth.mtls_cert, config.auth.mtls_key, config.pop_id)
     ca = tls.load_ca(config.auth.mtls_ca)
     options = tls.server_options(
         identity, ca, require_client_certificate=config.auth.method == "mtls"

@@ -7,19 +7,26 @@ client certificate that chains to the CA; the primary verifies the backup's
 certificate against the same CA and the host name of C{backup_pop.url}.  The
 system trust store is never consulted and there is no way to turn
 verification off.  The identity of a peer is the subjectAltName DNS names of
-its verified certificate, never its CN.
+its verified certificate, never its CN: a POP's own certificate must name
+its C{pop_id}, and the primary only talks to a backup whose certificate
+names C{backup_pop.id} (the host name alone would let any POP certificate
+of the same CA that names that host stand in for the backup).
 
 Errors name the config key they concern (C{auth.mtls_cert},
 C{auth.mtls_key}, C{auth.mtls_ca}), the only place these files come from;
 the path goes to C{detail} only.
 """
 
+import datetime
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -123,6 +130,30 @@ def load_identity(cert_path: str, key_path: str) -> PopIdentity:
     return PopIdentity(certificate=cert, private_key=key, twisted=twisted)
 
 
+def load_pop_identity(cert_path: str, key_path: str, pop_id: str) -> PopIdentity:
+    """
+    L{load_identity} for this POP: CertificateError also when the
+    certificate is not valid now or its subjectAltName does not name
+    C{pop_id} (the peer would refuse it, and only say so in its own log).
+    """
+    identity = load_identity(cert_path, key_path)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = identity.certificate
+    if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+        raise CertificateError(
+            CERT_KEY + ": not valid now (expired or not yet valid)",
+            "{} is valid from {} to {}".format(
+                cert_path, certificate.not_valid_before_utc, certificate.not_valid_after_utc
+            ),
+        )
+    if pop_id not in dns_names(certificate):
+        raise CertificateError(
+            CERT_KEY + ": its subjectAltName DNS names do not include pop_id",
+            "{} names {}, not {}".format(cert_path, sorted(dns_names(certificate)), pop_id),
+        )
+    return identity
+
+
 def load_ca(ca_path: str) -> ssl.Certificate:
     """
     Load the one CA certificate this POP trusts.  CertificateError unless the
@@ -166,23 +197,69 @@ def server_options(
 @implementer(IPolicyForHTTPS)
 class BackupPolicy:
     """
-    The primary's HTTPS policy: the backup's certificate must chain to the CA
-    and name the host we connect to (a DNS name or an IP address); TLS 1.3
-    only; our client certificate is presented when we have one (mtls).
+    The primary's HTTPS policy: the backup's certificate must chain to the CA,
+    name the host we connect to (a DNS name or an IP address) and name the
+    backup's C{pop_id}; TLS 1.3 only; our client certificate is presented
+    when we have one (mtls).
     """
 
-    def __init__(self, ca: ssl.Certificate, client_identity: PopIdentity | None):
+    def __init__(
+        self,
+        ca: ssl.Certificate,
+        client_identity: PopIdentity | None,
+        backup_pop_id: str,
+    ):
         self._ca = ca
         self._client = client_identity.twisted if client_identity else None
+        self._backup_pop_id = backup_pop_id
 
     def creatorForNetloc(self, hostname: bytes, port: int):
-        return ssl.optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self._ca,
-            clientCertificate=self._client,
-            # A copy: optionsForClientTLS adds the client key to this dict.
-            extraCertificateOptions=dict(_TLS_MINIMUM),
+        return _NamingBackup(
+            ssl.optionsForClientTLS(
+                hostname.decode("ascii"),
+                trustRoot=self._ca,
+                clientCertificate=self._client,
+                # A copy: optionsForClientTLS adds the client key to this dict.
+                extraCertificateOptions=dict(_TLS_MINIMUM),
+            ),
+            self._backup_pop_id,
         )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _NamingBackup:
+    """
+    Twisted's client options plus one more check: once the handshake is done
+    (chain and host name already verified by Twisted), the backup's
+    certificate must also name its pop_id, or the connection is aborted as a
+    failed verification before any request is sent.
+    """
+
+    def __init__(self, creator, backup_pop_id: str) -> None:
+        self._creator = creator
+        self._backup_pop_id = backup_pop_id
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._creator.clientConnectionForTLS(tlsProtocol)
+
+        def check_names(connection, where: int, _: int) -> None:
+            if where & SSL.SSL_CB_HANDSHAKE_DONE:
+                try:
+                    self._check(connection)
+                except BaseException:
+                    # Raising inside an OpenSSL callback loses the error;
+                    # failing the verification reports it to the protocol.
+                    tlsProtocol.failVerification(Failure())
+
+        connection.set_info_callback(check_names)
+        return connection
+
+    def _check(self, connection) -> None:
+        names = dns_names(connection.get_peer_certificate().to_cryptography())
+        if self._backup_pop_id not in names:
+            raise VerificationError(
+                ["backup certificate does not name {}".format(self._backup_pop_id)]
+            )
 
 
 def peer_certificate(transport) -> x509.Certificate | None:

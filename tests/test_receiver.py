@@ -442,7 +442,7 @@ class ReceiverTestCase(TestCase):
         identity = self.identities[pop] if self.method == "mtls" else None
         agent = Agent(
             reactor,
-            contextFactory=tls.BackupPolicy(self.ca, identity),
+            contextFactory=tls.BackupPolicy(self.ca, identity, BACKUP),
             pool=HTTPConnectionPool(reactor, persistent=False),
         )
         url = b"https://127.0.0.1:%d%s" % (self.port.getHost().port, path)
@@ -542,7 +542,7 @@ class ReceiverTestCase(TestCase):
     def connect(self, client, pop=PRIMARY, source="127.0.0.1"):
         identity = self.identities[pop] if self.method == "mtls" else None
         port = self.port.getHost().port
-        creator = tls.BackupPolicy(self.ca, identity).creatorForNetloc(
+        creator = tls.BackupPolicy(self.ca, identity, BACKUP).creatorForNetloc(
             b"127.0.0.1", port
         )
         return connectProtocol(

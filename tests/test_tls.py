@@ -42,6 +42,7 @@ from clavitor_twisted.tls import (
     dns_names,
     load_ca,
     load_identity,
+    load_pop_identity,
     peer_certificate,
     server_options,
 )
@@ -74,6 +75,54 @@ class PKIFiles:
 def write(path, data, mode=0o600):
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
         f.write(data)
+
+
+class LoadPopIdentityTests(SynchronousTestCase):
+    """
+    A POP's own certificate must be valid now and name its pop_id: the peer
+    would refuse it otherwise, and say why only in its own log.
+    """
+
+    def setUp(self):
+        self.pki = PKIFiles(self.mktemp())
+
+    def refused(self, cert_path, key_path, pop_id):
+        error = self.assertRaises(
+            CertificateError, load_pop_identity, cert_path, key_path, pop_id
+        )
+        self.assertTrue(error.public.startswith("auth.mtls_cert: "), error.public)
+        self.assertNotIn(self.pki.directory, error.public)
+        return error.public
+
+    def test_names_pop_id(self):
+        identity = load_pop_identity(*self.pki.pop("calgary-01"), "calgary-01")
+        self.assertIn("calgary-01", dns_names(identity.certificate))
+
+    def test_other_pop_id(self):
+        public = self.refused(*self.pki.pop("evil-01", hosts=["zurich-01.example"]), "zurich-01")
+        self.assertIn("pop_id", public)
+
+    def test_expired(self):
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "calgary-01")]))
+            .issuer_name(self.pki.ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=30))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("calgary-01")]), critical=False
+            )
+            .sign(self.pki.ca_key, hashes.SHA256())
+        )
+        cert_path = os.path.join(self.pki.directory, "old.crt")
+        key_path = os.path.join(self.pki.directory, "old.key")
+        pki.write_certificate(cert_path, certificate)
+        pki.write_key(key_path, key)
+        self.assertIn("not valid now", self.refused(cert_path, key_path, "calgary-01"))
 
 
 class LoadIdentityTests(SynchronousTestCase):
@@ -290,7 +339,7 @@ class LoopbackTests(TestCase):
         ).listen(factory)
         self.addCleanup(port.stopListening)
         if creator is None:
-            creator = BackupPolicy(self.ca, self.primary).creatorForNetloc(
+            creator = BackupPolicy(self.ca, self.primary, "zurich-01").creatorForNetloc(
                 host.encode("ascii"), port.getHost().port
             )
         client = Recorder()
@@ -363,7 +412,7 @@ class LoopbackTests(TestCase):
         impostor = PKIFiles(self.mktemp()).identity("calgary-01")
         self.assertEqual(impostor.certificate.subject, self.primary.certificate.subject)
         self.assertEqual(impostor.certificate.issuer, self.primary.certificate.issuer)
-        creator = BackupPolicy(self.ca, impostor).creatorForNetloc(b"127.0.0.1", 0)
+        creator = BackupPolicy(self.ca, impostor, "zurich-01").creatorForNetloc(b"127.0.0.1", 0)
         server, client = yield self.connect(self.mtls(), creator)
         self.assertOpenSSLReason(server, "certificate verify failed")
         yield client.lost
@@ -374,7 +423,7 @@ class LoopbackTests(TestCase):
         """
         In mtls mode a client without a certificate is refused.
         """
-        creator = BackupPolicy(self.ca, None).creatorForNetloc(b"127.0.0.1", 0)
+        creator = BackupPolicy(self.ca, None, "zurich-01").creatorForNetloc(b"127.0.0.1", 0)
         server, client = yield self.connect(self.mtls(), creator)
         self.assertOpenSSLReason(server, "peer did not return a certificate")
 
@@ -387,7 +436,7 @@ class LoopbackTests(TestCase):
         """
         other = PKIFiles(self.mktemp())
         self.setEnvironment("SSL_CERT_FILE", other.ca_path)
-        creator = BackupPolicy(self.ca, other.identity("calgary-01")).creatorForNetloc(
+        creator = BackupPolicy(self.ca, other.identity("calgary-01"), "zurich-01").creatorForNetloc(
             b"127.0.0.1", 0
         )
         server, client = yield self.connect(self.mtls(), creator)
@@ -465,6 +514,20 @@ class LoopbackTests(TestCase):
         self.assertHandshakeFailed(client, VerificationError)
 
     @inlineCallbacks
+    def test_server_not_named_backup_pop_id(self):
+        """
+        A certificate from the CA that names the host we connect to but not
+        the backup's pop_id (another POP standing in for the backup) is
+        refused by the client before any request.
+        """
+        stand_in = self.pki.identity("evil-01", ips=["127.0.0.1"])
+        options = server_options(stand_in, self.ca, require_client_certificate=True)
+        server, client = yield self.connect(options, None)
+        yield client.lost
+        self.assertTrue(client.reason.check(VerificationError), client.reason)
+        self.assertIn("zurich-01", str(client.reason.value))
+
+    @inlineCallbacks
     def test_server_from_other_ca(self):
         """
         A backup certificate with the right names from another CA is refused.
@@ -475,7 +538,7 @@ class LoopbackTests(TestCase):
         self.assertOpenSSLReason(client, "certificate verify failed")
 
     def test_policy_interface(self):
-        verifyObject(IPolicyForHTTPS, BackupPolicy(self.ca, None))
+        verifyObject(IPolicyForHTTPS, BackupPolicy(self.ca, None, "zurich-01"))
 
 
 class TrackedChannel(HTTPChannel):
@@ -502,7 +565,12 @@ class PeerNames(Resource):
 
     isLeaf = True
 
+    def __init__(self):
+        super().__init__()
+        self.requests = 0
+
     def render_GET(self, request):
+        self.requests += 1
         cert = peer_certificate(request.channel.transport)
         names = None if cert is None else sorted(dns_names(cert))
         return json.dumps(names).encode("ascii")
@@ -522,7 +590,8 @@ class WebTests(TestCase):
 
     @inlineCallbacks
     def get(self, require_client_certificate, client_identity):
-        site = Site(PeerNames())
+        self.resource = PeerNames()
+        site = Site(self.resource)
         site.protocol = TrackedChannel
         site.closed = []
         options = server_options(self.backup, self.ca, require_client_certificate)
@@ -534,7 +603,7 @@ class WebTests(TestCase):
         self.addCleanup(lambda: gatherResults(site.closed))
         self.addCleanup(pool.closeCachedConnections)
         agent = Agent(
-            reactor, contextFactory=BackupPolicy(self.ca, client_identity), pool=pool
+            reactor, contextFactory=BackupPolicy(self.ca, client_identity, "zurich-01"), pool=pool
         )
         url = "https://127.0.0.1:{}/".format(port.getHost().port).encode("ascii")
         response = yield agent.request(b"GET", url)
@@ -557,3 +626,14 @@ class WebTests(TestCase):
         """
         names = yield self.get(False, None)
         self.assertIsNone(names)
+
+    @inlineCallbacks
+    def test_stand_in_backup_gets_no_request(self):
+        """
+        Another POP's certificate that names the backup's address is refused
+        before the request is sent: the resource never sees it.
+        """
+        self.backup = self.pki.identity("evil-01", ips=["127.0.0.1"])
+        failure = yield self.assertFailure(self.get(True, self.primary), Exception)
+        self.assertEqual(self.resource.requests, 0)
+        self.assertIn("VerificationError", repr(failure.reasons))
