@@ -142,12 +142,20 @@ class Config:
     @property
     def ignored_keys(self) -> tuple[str, ...]:
         """
-        Top-level keys present in the file that this role does not use
-        (C{backup_pop} on a backup); the service logs a warning for each.
+        Keys present in the file that this role does not use (C{backup_pop}
+        on a backup; C{listen}, C{authorized_pops} and C{security.audit_log}
+        on a primary, which receives nothing); the service logs a warning for
+        each.
         """
-        if self.role is Role.BACKUP and self.backup_pop is not None:
-            return ("backup_pop",)
-        return ()
+        if self.role is Role.BACKUP:
+            present = {"backup_pop": self.backup_pop is not None}
+        else:
+            present = {
+                "listen": self.listen is not None,
+                "authorized_pops": bool(self.authorized_pops),
+                "security.audit_log": self.security.audit_log is not None,
+            }
+        return tuple(key for key, there in present.items() if there)
 
 
 KeyPath = tuple[str | int, ...]
@@ -573,7 +581,7 @@ def load_config(path: str) -> Config:
     Read and check the config file at C{path}.
 
     The file must be a regular file of at most 1 MiB, UTF-8, and not
-    writable by others (whoever can write it decides the role and the trust
+    writable by group or others (whoever can write it decides the role and the trust
     of this POP).
 
     @raise ConfigError: on any problem; neither the path nor an OS error
@@ -583,8 +591,8 @@ def load_config(path: str) -> Config:
         path,
         what="config",
         error=ConfigError,
-        forbidden_mode=stat.S_IWOTH,
-        refusal="the config file is writable by others",
+        forbidden_mode=stat.S_IWGRP | stat.S_IWOTH,
+        refusal="writable by group or others",
         max_bytes=MAX_CONFIG_BYTES,
     )
     try:

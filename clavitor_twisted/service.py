@@ -232,6 +232,11 @@ def make_service(
         log.warn(
             "{key} is ignored: a {role} POP does not use it", key=key, role=config.role.value
         )
+    if not os.path.isdir(config.data_dir):
+        raise ConfigError(
+            "data_dir: not an existing directory",
+            "data_dir {!r} is not an existing directory".format(config.data_dir),
+        )
     top = ReplicationService()
     vaults = VaultPoolService(config.data_dir, reactor)
     vaults.setServiceParent(top)

@@ -226,6 +226,23 @@ class ValidConfigTests(ConfigTestCase):
     def test_primary_ignores_nothing(self) -> None:
         self.assertEqual(parse_config(PRIMARY).ignored_keys, ())
 
+    def test_receiving_keys_on_primary_ignored(self) -> None:
+        """
+        A primary receives nothing: C{listen}, C{authorized_pops} and
+        C{security.audit_log} in its file are reported for a warning.
+        """
+        config = parse_config(
+            document(
+                PRIMARY,
+                listen={"address": "127.0.0.1"},
+                authorized_pops=["vienna-02"],
+                security__audit_log="/var/log/clavitor/audit.log",
+            )
+        )
+        self.assertEqual(
+            config.ignored_keys, ("listen", "authorized_pops", "security.audit_log")
+        )
+
     def test_examples(self) -> None:
         """
         The example files in etc/ are valid configs of their role.
@@ -954,13 +971,18 @@ class LoadConfigTests(SynchronousTestCase):
         os.mkfifo(self.path, 0o600)
         self.assertEqual(self.refused().public, "config: not a regular file")
 
-    def test_world_writable(self) -> None:
+    def test_writable_by_group_or_others(self) -> None:
         """
-        A config file anyone may write is refused: it decides the role and
-        the trust of the POP.
+        A config file others may write is refused: it decides the role and
+        the trust of the POP.  Readable by all is fine (it holds no secret).
         """
-        self.write(PRIMARY.encode(), mode=0o666)
-        self.assertEqual(self.refused().public, "config: the config file is writable by others")
+        for mode in (0o666, 0o620, 0o602):
+            self.write(PRIMARY.encode(), mode=mode)
+            self.assertEqual(
+                self.refused().public, "config: writable by group or others"
+            )
+        self.write(PRIMARY.encode(), mode=0o644)
+        self.assertEqual(load_config(self.path).role, Role.PRIMARY)
 
     def test_readable_by_others_is_fine(self) -> None:
         """

@@ -187,6 +187,34 @@ class StartUpErrorTests(SynchronousTestCase):
         self.assertNotIn(pop.directory, stderr.getvalue())
         self.assertRaises(SystemExit, daemon.privilegedStartService)
 
+    def test_data_dir_missing_or_not_a_directory(self):
+        """
+        A data_dir that is not a directory stops the start instead of
+        failing every batch later.
+        """
+        pop = Pop(self)
+        for data_dir in (os.path.join(pop.directory, "nothing"), pop.pki.ca):
+            for document in (pop.backup(), pop.primary(1)):
+                document["data_dir"] = data_dir
+                stderr = io.StringIO()
+                service.service_from_file(pop.write("pop.yaml", document), reactor, stderr)
+                self.assertEqual(
+                    stderr.getvalue(), "clavitor-repl: data_dir: not an existing directory\n"
+                )
+
+    def test_own_certificate_must_name_pop_id(self):
+        """
+        A backup whose certificate is another POP's refuses to start.
+        """
+        pop = Pop(self)
+        document = pop.backup()
+        document["auth"]["mtls_cert"], document["auth"]["mtls_key"] = pop.pki.pops[
+            demo.PRIMARY_POP
+        ]
+        stderr = io.StringIO()
+        service.service_from_file(pop.write("backup.yaml", document), reactor, stderr)
+        self.assertIn("clavitor-repl: auth.mtls_cert: its subjectAltName", stderr.getvalue())
+
     def test_good_config(self):
         pop = Pop(self)
         path = pop.write("backup.yaml", pop.backup())
