@@ -12,7 +12,9 @@ banned (403) or over its rate (429); such a request is answered once its
 the cap is cut off (413, connection closed).  L{ApplyResource} then checks method,
 media type, the signature on the raw bytes, the strict parse, the identity
 the credential proves (and, in C{bearer}, that POP's ban and rate),
-authorisation, target, freshness and the nonce; only then is the batch
+authorisation, target, freshness (refusing, as stale, anything signed up
+to C{clock_skew} after the start second, which a process before this one
+may have applied) and the nonce; only then is the batch
 applied, in the vault thread pool.
 
 A failed authentication is charged to the POPs the TLS certificate proves,
@@ -536,7 +538,11 @@ class ApplyResource(Resource):
         self._store = store
         self._defences = defences
         self._authentication = authentication
-        self._started_at = started_at
+        # The process before this one may have accepted (and its nonce cache
+        # forgotten with it) any timestamp up to its last second plus the
+        # skew, and that last second may be our start second: only what is
+        # signed after started_at + clock_skew cannot have been applied.
+        self._not_before = started_at + config.security.clock_skew + 1
 
     def render(self, request: _ApiRequest) -> int:
         answered = Deferred.fromCoroutine(self._accept(request, request.attempt))
@@ -561,7 +567,7 @@ class ApplyResource(Resource):
             now=int(self._defences.clock.seconds()),
             max_age=self._config.replication.max_request_age,
             clock_skew=self._config.security.clock_skew,
-            not_before=self._started_at,
+            not_before=self._not_before,
         )
         self._defences.nonces.check_and_record(batch.nonce, batch.timestamp)
         applied, skipped = await self._store.apply_batch(
@@ -675,6 +681,10 @@ def make_site(
     """
     The backup's HTTP site, to be served over TLS by the service (with a
     client certificate required in C{mtls} mode).
+
+    C{started_at} is the start time in whole seconds, rounded down: a
+    request signed up to C{security.clock_skew} seconds after it is refused
+    as stale, since the process before this one may have applied it.
 
     Every attempt is recorded in C{audit}; by default an L{AuditLog} of
     C{security.audit_log} opened here, so that the configured file is

@@ -361,7 +361,7 @@ class ReceiverTestCase(TestCase):
         )
 
     @inlineCallbacks
-    def serve(self, store, config=None, own_audit=False):
+    def serve(self, store, config=None, own_audit=False, started_at=STARTED_AT):
         """
         Listen on 127.0.0.1 with the backup's site applying into C{store},
         auditing into the test's log, or (C{own_audit}) called as the
@@ -369,7 +369,7 @@ class ReceiverTestCase(TestCase):
         """
         if self.port is not None:
             yield self.port.stopListening()
-        arguments = (config or self.config, store, self.clock, self.token_source, STARTED_AT)
+        arguments = (config or self.config, store, self.clock, self.token_source, started_at)
         if own_audit:
             site = make_site(*arguments)
         else:
@@ -691,6 +691,37 @@ class CertificateModeTests(ReceiverTestCase):
         result = yield self.send(self.batch(timestamp=STARTED_AT - 1))
         self.assertRefused(result, 401, "unauthenticated")
         self.assertNothingApplied()
+
+    @inlineCallbacks
+    def test_restart_refuses_what_the_old_process_accepted(self):
+        """
+        A request stamped clock_skew ahead, applied by the old process, is
+        refused as stale (never as a failed authentication, so it bans
+        nobody) by a process restarted in the same second; so is one signed
+        in the start second, the start time being rounded down.  From
+        started_at + clock_skew + 1 on, requests apply.
+        """
+        ahead = self.signed_request(self.batch(timestamp=NOW + SKEW), close=True)
+        [response] = yield self.pipeline([ahead])
+        self.assertEqual(response[0], 200)
+        self.clock.advance(0.9)
+        yield self.serve(self.store, started_at=int(self.clock.seconds()))
+        in_start_second = self.signed_request(self.batch(seq=8), close=True)
+        replays = [ahead.replace(b"Connection: close\r\n", b"")] * self.ban_after
+        responses = yield self.pipeline(replays + [in_start_second])
+        for response in responses:
+            self.assertRawRefused(response, 401, "unauthenticated")
+        refusals = self.refusals()
+        self.assertEqual(len(refusals), self.ban_after + 1)
+        self.assertEqual(
+            {r["reason"] for r in refusals}, {"timestamp before the process started"}
+        )
+        self.assertFalse(any(r["auth_failure"] for r in refusals))
+        self.clock.advance(SKEW)
+        last_refused = self.batch(seq=9, timestamp=NOW + SKEW)
+        self.assertRefused((yield self.send(last_refused)), 401, "unauthenticated")
+        first_fresh = self.batch(seq=9, timestamp=NOW + SKEW + 1)
+        self.assertApplied((yield self.send(first_fresh)), applied=0, skipped=3, seq=9)
 
     @inlineCallbacks
     def test_from_the_future(self):
