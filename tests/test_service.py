@@ -374,8 +374,18 @@ class ReplicationTests(TestCase):
         self.addCleanup(top.stopService)
         return top
 
+    @inlineCallbacks
     def start_backup(self, pop, audit_log=None):
-        backup = self.start(as_config(pop.backup(audit_log=audit_log), port=0))
+        """
+        Start the backup with clock_skew 0 and wait out its start second,
+        in which it refuses every request (a restart must not reopen what
+        the process before it applied): its port.
+        """
+        document = pop.backup(audit_log=audit_log)
+        document["security"]["clock_skew"] = 0
+        backup = self.start(as_config(document, port=0))
+        started = int(reactor.seconds())
+        yield deferLater(reactor, started + 1 - reactor.seconds(), lambda: None)
         return backup.getServiceNamed("receiver").endpoint.port.getHost().port
 
     @inlineCallbacks
@@ -400,7 +410,7 @@ class ReplicationTests(TestCase):
         """
         pop = Pop(self)
         audit_log = os.path.join(pop.directory, "audit.log")
-        port = self.start_backup(pop, audit_log)
+        port = yield self.start_backup(pop, audit_log)
         vault = open_vault_for_writes(Role.PRIMARY, pop.primary_dir, VAULT_ID)
         self.addCleanup(vault.close)
         for i in range(5):
