@@ -162,9 +162,17 @@ def _not_an_integer(text: str):
     raise Malformed("a number that is not an integer")
 
 
+# A v1 body has one object per entry and the batch itself, and no string
+# in it may hold a brace: counting them (at C speed) refuses a body of many
+# tiny objects before the JSON parser builds them all.
+_MAX_OBJECTS = MAX_ENTRIES_PER_BATCH + 1
+
+
 def _decode_json(body: bytes):
     if type(body) is not bytes:
         raise Malformed("body is not bytes")
+    if body.count(b"{") > _MAX_OBJECTS:
+        raise Malformed("more objects than a batch can hold")
     try:
         return json.loads(
             body.decode("utf-8"),

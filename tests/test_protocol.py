@@ -370,6 +370,23 @@ class ParseTests(SynchronousTestCase):
         )
         self.assertMalformed(body(batch_object(entries=entries(MAX_ENTRIES_PER_BATCH + 1))))
 
+    def test_too_many_objects_refused_before_parsing(self):
+        """
+        A body with more C{{} than a full batch has objects is refused
+        before the JSON parser sees it, even where the braces are inside a
+        string (a valid batch has none there).
+        """
+        entries = [entry_object(entry_id="e%d" % i) for i in range(MAX_ENTRIES_PER_BATCH)]
+        full = body(batch_object(entries=entries))
+        self.assertEqual(full.count(b"{"), MAX_ENTRIES_PER_BATCH + 1)
+        self.assertEqual(len(parse(full).entries), MAX_ENTRIES_PER_BATCH)
+        with self.assertRaises(Malformed) as caught:
+            parse(b"[" + b"{}," * (MAX_ENTRIES_PER_BATCH + 1) + b"{}]")
+        self.assertEqual(caught.exception.detail, "more objects than a batch can hold")
+        with self.assertRaises(Malformed) as caught:
+            parse(body(batch_object(nonce="{" * (MAX_ENTRIES_PER_BATCH + 1))))
+        self.assertEqual(caught.exception.detail, "more objects than a batch can hold")
+
     def test_same_entry_twice(self):
         """
         One (vault_id, entry_id) once per batch; the same entry id in two
