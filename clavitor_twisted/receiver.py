@@ -71,6 +71,24 @@ SECURITY_HEADERS = (
 log = Logger()
 
 
+class _UnauthorisedCertificate(Forbidden):
+    """
+    A client certificate none of whose names is an authorised POP: it
+    proves the peer is not a partner, so it counts as a failed
+    authentication of that certificate.
+    """
+
+    counts_as_auth_failure = True
+
+
+def _refusal_headers(refusal: RequestRefused) -> tuple[tuple[bytes, bytes], ...]:
+    if isinstance(refusal, RateLimited):
+        return ((b"Retry-After", b"%d" % (refusal.retry_after,)),)
+    if isinstance(refusal, MethodNotAllowed):
+        return ((b"Allow", b"POST"),)
+    return ()
+
+
 def _document(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode("ascii")
 
@@ -89,13 +107,15 @@ class _Attempt:
     What the audit log says about one request, filled in as it goes.
 
     C{names} are the POPs the connection itself proves (the TLS client
-    certificate's names in C{mtls}), known before any request is read.
+    certificate's names in C{mtls}, where C{certified}), known before any
+    request is read.
     """
 
     peer: str
     started: float
     names: frozenset[str]
     fingerprint: str | None
+    certified: bool
     claimed_pop: str | None = None
     proven_pop: str | None = None
     entries: int = 0
@@ -134,6 +154,7 @@ class Defences:
     def __init__(self, config: Config, clock: IReactorTime, audit: AuditLog) -> None:
         security = config.security
         self.max_request_bytes = security.max_request_bytes
+        self.authorized_pops = frozenset(config.authorized_pops)
         self.clock = clock
         self.audit = audit
         self.bans = BanList(clock, security.ban_after_failures, security.ban_duration)
@@ -142,7 +163,22 @@ class Defences:
             clock, config.replication.max_request_age, security.clock_skew
         )
 
-    def admit(self, keys: tuple[str, ...]) -> None:
+    def admit(self, attempt: _Attempt) -> None:
+        """
+        What the headers alone decide: bans, a certificate that names no
+        authorised POP (before its body is read, let alone parsed), rates.
+
+        @raise Forbidden: a key of C{attempt} is banned, or its certificate
+            names no authorised POP.
+        @raise RateLimited: a key of C{attempt} is over its rate.
+        """
+        self.check(attempt.admission_keys)
+        if attempt.certified and not attempt.names & self.authorized_pops:
+            raise _UnauthorisedCertificate(
+                "no name of the client certificate is in authorized_pops"
+            )
+
+    def check(self, keys: tuple[str, ...]) -> None:
         """
         @raise Forbidden: one of C{keys} is banned.
         @raise RateLimited: one of C{keys} is over its rate.
@@ -156,14 +192,19 @@ class Defences:
         for key in attempt.charged_keys:
             self.bans.record_success(key)
 
-    def failed_authentication(self, attempt: _Attempt) -> str:
+    def refused(self, attempt: _Attempt, refusal: RequestRefused) -> str:
         """
-        Count the failure; the keys it starts a ban of, for the reason.
+        Count C{refusal} if it is a failed authentication: the reason to
+        record, with the keys it starts a ban of.
         """
+        if not refusal.counts_as_auth_failure:
+            return refusal.detail
         banned = [key for key in attempt.charged_keys if self.bans.record_failure(key)]
         for key in banned:
             log.warn("banned {key} after failed authentications", key=key)
-        return "; ban starts for " + ", ".join(banned) if banned else ""
+        if banned:
+            return refusal.detail + "; ban starts for " + ", ".join(banned)
+        return refusal.detail
 
     def record(
         self,
@@ -215,6 +256,11 @@ class Authentication(Protocol):
     How a request proves who sent it.
     """
 
+    certified: bool
+    """
+    Whether the connection's names are proven (by a client certificate).
+    """
+
     def identify(self, transport: ITransport) -> tuple[frozenset[str], str | None]:
         """
         What the connection proves before any request: the POP ids and the
@@ -237,6 +283,8 @@ class CertificateAuthentication:
     handshake) signs the body; its subjectAltName DNS names, never its CN,
     are the POPs it proves.
     """
+
+    certified = True
 
     def identify(self, transport: ITransport) -> tuple[frozenset[str], str | None]:
         certificate = tls.peer_certificate(transport)
@@ -267,6 +315,8 @@ class TokenAuthentication:
     token is compared in constant time.  The connection proves nothing, and
     no fingerprint of a token is recorded.
     """
+
+    certified = False
 
     def __init__(self, token_source: TokenSource) -> None:
         self._token_source = token_source
@@ -327,6 +377,8 @@ class _ApiChannel(http.HTTPChannel):
             headers.addRawHeader(name, value)
         headers.addRawHeader(b"Content-Length", b"%d" % (len(body),))
         headers.addRawHeader(b"Connection", b"close")
+        for name, value in _refusal_headers(refusal):
+            headers.addRawHeader(name, value)
         self.writeHeaders(
             b"HTTP/1.1",
             b"%d" % (refusal.status,),
@@ -336,7 +388,14 @@ class _ApiChannel(http.HTTPChannel):
         self.write(body)
         self.loseConnection()
         self._abort = self.callLater(self.abortTimeout, self.forceAbortClient)
-        self.site.defences.record(attempt, refusal.status, refusal.word, refusal.detail)
+        defences = self.site.defences
+        defences.record(
+            attempt,
+            refusal.status,
+            refusal.word,
+            defences.refused(attempt, refusal),
+            refusal.counts_as_auth_failure,
+        )
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's single hook for every framing error it detects (request
@@ -367,12 +426,14 @@ class _ApiRequest(server.Request):
     def __init__(self, channel: _ApiChannel, *args, **kwargs) -> None:
         super().__init__(channel, *args, **kwargs)
         self._defences: Defences = channel.site.defences
-        names, credential = channel.site.authentication.identify(self.transport)
+        authentication = channel.site.authentication
+        names, credential = authentication.identify(self.transport)
         self.attempt = _Attempt(
             peer=_peer(self),
             started=self._defences.clock.seconds(),
             names=names,
             fingerprint=credential,
+            certified=authentication.certified,
         )
         self._refusal: RequestRefused | None = None
         self._cut_off = False
@@ -387,7 +448,9 @@ class _ApiRequest(server.Request):
             self._cut(refusal)
             return
         try:
-            self._defences.admit(self.attempt.admission_keys)
+            self._defences.admit(self.attempt)
+        except _UnauthorisedCertificate as refusal:
+            self._cut(refusal)
         except RequestRefused as refusal:
             self._refusal = refusal
 
@@ -480,20 +543,12 @@ class _ApiRequest(server.Request):
         self.finish()
 
     def refuse(self, refusal: RequestRefused) -> None:
-        reason = refusal.detail
-        if refusal.counts_as_auth_failure:
-            reason += self._defences.failed_authentication(self.attempt)
-        headers: tuple[tuple[bytes, bytes], ...] = ()
-        if isinstance(refusal, RateLimited):
-            headers = ((b"Retry-After", b"%d" % (refusal.retry_after,)),)
-        elif isinstance(refusal, MethodNotAllowed):
-            headers = ((b"Allow", b"POST"),)
         self.conclude(
             refusal.status,
             {"error": refusal.word},
             result=refusal.word,
-            reason=reason,
-            headers=headers,
+            reason=self._defences.refused(self.attempt, refusal),
+            headers=_refusal_headers(refusal),
             auth_failure=refusal.counts_as_auth_failure,
         )
 
@@ -604,7 +659,7 @@ class ApplyResource(Resource):
             # A verified token vouches for the body, so for its source_pop:
             # that POP's ban and rate apply from here.
             attempt.proven_pop = batch.source_pop
-            self._defences.admit(_pop_keys((batch.source_pop,)))
+            self._defences.check(_pop_keys((batch.source_pop,)))
         elif batch.source_pop in proven:
             attempt.proven_pop = batch.source_pop
         else:

@@ -749,14 +749,28 @@ class CertificateModeTests(ReceiverTestCase):
     @inlineCallbacks
     def test_source_not_authorised(self):
         """
-        A POP with a valid certificate from our CA, signing its own batch
-        correctly, is forbidden when it is not in authorized_pops.
+        A POP with a valid certificate from our CA, none of whose names is
+        in authorized_pops, is forbidden as soon as its headers are in:
+        the client sends no body and still gets its answer, the connection
+        closed.  Each such request counts as a failed authentication of
+        the certificate, which is banned after ban_after of them.
         """
-        result = yield self.send(self.batch(source_pop=STRANGER), pop=STRANGER)
-        self.assertRefused(result, 403, "forbidden")
+        body, headers = self.signed(self.batch(source_pop=STRANGER), STRANGER)
+        head = http_request(body, headers)[: -len(body)]
+        for _ in range(self.ban_after):
+            client = yield self.raw(head, pop=STRANGER)
+            [response] = parse_responses(client.received)
+            self.assertRawRefused(response, 403, "forbidden")
+            self.assertEqual(response[1][b"connection"], [b"close"])
         self.assertNothingApplied()
-        [refusal] = self.refusals()
-        self.assertEqual(refusal["proven_pop"], STRANGER)
+        refusals = self.refusals()
+        self.assertEqual(len(refusals), self.ban_after)
+        self.assertTrue(all(r["auth_failure"] for r in refusals))
+        self.assertEqual({r["bytes"] for r in refusals}, {0})
+        self.assertIn("ban starts for", refusals[-1]["reason"])
+        client = yield self.raw(http_request(body, headers, close=True), pop=STRANGER)
+        self.assertRawRefused(parse_responses(client.received)[0], 403, "forbidden")
+        self.assertTrue(self.refusals()[-1]["reason"].startswith("banned: "))
 
     @inlineCallbacks
     def test_other_authorised_pop(self):
@@ -1116,7 +1130,7 @@ class _DefenceTests:
         count = 1000
         flood = [self.forged(self.batch()) for _ in range(count - 1)]
         flood.append(self.forged(self.batch(), close=True))
-        responses = yield self.pipeline(flood, pop=STRANGER, source="127.0.0.2")
+        responses = yield self.pipeline(flood, pop=PARTNER, source="127.0.0.2")
         expected = [(401, "unauthenticated")] * self.ban_after
         expected += [(403, "forbidden")] * (count - self.ban_after)
         self.assertEqual(
