@@ -538,7 +538,9 @@ def make_sender(
         raise ConfigError("backup_pop: required on a primary")
     ca = tls.load_ca(config.auth.mtls_ca)
     if config.auth.method == "mtls":
-        identity = tls.load_identity(config.auth.mtls_cert, config.auth.mtls_key)
+        identity = tls.load_pop_identity(
+            config.auth.mtls_cert, config.auth.mtls_key, config.pop_id
+        )
         signer = protocol.CertificateSigner(identity.private_key)
         client_identity = identity
     else:
@@ -548,7 +550,7 @@ def make_sender(
         client_identity = None
     poster = HttpsPoster(
         reactor,
-        tls.BackupPolicy(ca, client_identity),
+        tls.BackupPolicy(ca, client_identity, config.backup_pop.id),
         config.backup_pop,
         config.replication.request_timeout,
     )
