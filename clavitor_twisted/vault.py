@@ -725,7 +725,7 @@ class VaultStore:
 
     def _mark_replicated(self, entries: list[Entry]) -> int:
         cleared = 0
-        for vault_id, group in _by_vault(entries).items():
+        for vault_id, group in by_vault(entries).items():
             pairs = [(e.entry_id, e.version) for e in group]
             cleared += self._read(vault_id, lambda vault: vault.mark_replicated(pairs)) or 0
         return cleared
@@ -757,7 +757,7 @@ class VaultStore:
         _check_int("seq", seq, 0, MAX_VERSION)
         for entry in entries:
             _check_entry(entry)
-        groups = _by_vault(entries)
+        groups = by_vault(entries)
         ids = sorted(groups)
         slots = [self._slot(vault_id) for vault_id in ids]
         applied = skipped = 0
@@ -822,7 +822,10 @@ class VaultStore:
                     slot.vault = None
 
 
-def _by_vault(entries: Iterable[Entry]) -> dict[str, list[Entry]]:
+def by_vault(entries: Iterable[Entry]) -> dict[str, list[Entry]]:
+    """
+    The entries grouped by vault id, in the order the vaults first appear.
+    """
     groups: dict[str, list[Entry]] = {}
     for entry in entries:
         groups.setdefault(entry.vault_id, []).append(entry)
