@@ -6,8 +6,9 @@ A request passes one short chain of checks (DESIGN.md rule 2), cheapest
 first.  As soon as its headers are in, L{_ApiRequest} refuses framing it
 cannot trust (400) or a declared body above C{max_request_bytes} (413, the
 connection closed before the body is read), and asks the L{Defences} whether
-the peer address (and, in C{mtls}, the POPs its certificate proves) is
-banned (403) or over its rate (429); such a request is answered once its
+the peer address (and, in C{mtls}, its certificate, by fingerprint) is
+banned (403) or over its rate (429), and refuses a certificate that names
+no authorised POP (403); such a request is answered once its
 (capped) body is in, never parsed or verified.  A body that streams past
 the cap is cut off (413, connection closed).  L{ApplyResource} then checks method,
 media type, the signature on the raw bytes, the strict parse, the identity
@@ -17,9 +18,10 @@ to C{clock_skew} after the start second, which a process before this one
 may have applied) and the nonce; only then is the batch
 applied, in the vault thread pool.
 
-A failed authentication is charged to the POPs the TLS certificate proves,
-or else to the peer address (never to an unverified claim), so one POP's
-failures never ban another.  Every request ends in exactly one audit record
+A failed authentication is charged to the TLS client certificate (its
+fingerprint: names such as a common host name may be shared by several
+certificates), or else to the peer address (never to an unverified claim),
+so one POP's failures never ban another.  Every request ends in exactly one audit record
 and an answer of C{{"error": word}} (or the 200 document) with its status:
 JSON with C{nosniff} and C{no-store}, without a C{Server} banner, whichever
 path produced it, Twisted's own 400 for bad framing included.
@@ -124,19 +126,29 @@ class _Attempt:
     request_timestamp: int | None = None
 
     @property
+    def credential_keys(self) -> tuple[str, ...]:
+        """
+        The client certificate itself, by fingerprint: not its names, which
+        other certificates may share (a common host name).
+        """
+        if self.certified and self.fingerprint is not None:
+            return ("cert:" + self.fingerprint,)
+        return ()
+
+    @property
     def admission_keys(self) -> tuple[str, ...]:
         """
         What is checked for bans and rate as soon as the headers are in.
         """
-        return (_address_key(self.peer),) + _pop_keys(self.names)
+        return (_address_key(self.peer),) + self.credential_keys
 
     @property
     def charged_keys(self) -> tuple[str, ...]:
         """
-        Who a failed authentication is charged to: the proven POPs, else
+        Who a failed authentication is charged to: the certificate, else
         the peer address.
         """
-        return _pop_keys(self.names) or (_address_key(self.peer),)
+        return self.credential_keys or (_address_key(self.peer),)
 
     def describe(self, batch: protocol.Batch) -> None:
         self.claimed_pop = batch.source_pop
@@ -434,6 +446,9 @@ class _ApiRequest(server.Request):
             names=names,
             fingerprint=credential,
             certified=authentication.certified,
+            # The authorised POPs the certificate proves, known whatever
+            # becomes of the request.
+            proven_pop=",".join(sorted(names & self._defences.authorized_pops)) or None,
         )
         self._refusal: RequestRefused | None = None
         self._cut_off = False
@@ -660,9 +675,7 @@ class ApplyResource(Resource):
             # that POP's ban and rate apply from here.
             attempt.proven_pop = batch.source_pop
             self._defences.check(_pop_keys((batch.source_pop,)))
-        elif batch.source_pop in proven:
-            attempt.proven_pop = batch.source_pop
-        else:
+        elif batch.source_pop not in proven:
             raise Forbidden("source_pop is not a name of the client certificate")
         if batch.source_pop not in self._config.authorized_pops:
             raise Forbidden("source_pop is not in authorized_pops")

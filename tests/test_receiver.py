@@ -608,7 +608,7 @@ class CertificateModeTests(ReceiverTestCase):
         self.assertNothingApplied()
         [refusal] = self.refusals()
         self.assertEqual(refusal["claimed_pop"], PARTNER)
-        self.assertIsNone(refusal["proven_pop"])
+        self.assertEqual(refusal["proven_pop"], PRIMARY)
 
     @inlineCallbacks
     def test_signed_by_another_pop(self):
@@ -624,8 +624,8 @@ class CertificateModeTests(ReceiverTestCase):
     def test_body_changed_after_signing(self):
         """
         One byte changed after signing fails authentication, audited as a
-        failed authentication, charged to nothing the body claims, and
-        logged at critical level.
+        failed authentication with the POP the certificate proves, charged
+        to nothing the body claims, and logged at critical level.
         """
         body, headers = self.signed(self.batch())
         index = body.index(b'"seq":7') + len(b'"seq":')
@@ -636,6 +636,7 @@ class CertificateModeTests(ReceiverTestCase):
         [refusal] = self.refusals()
         self.assertTrue(refusal["auth_failure"])
         self.assertIsNone(refusal["claimed_pop"])
+        self.assertEqual(refusal["proven_pop"], PRIMARY)
         self.assertEqual(refusal["bytes"], len(changed))
         [critical] = self.critical_events()
         self.assertEqual(critical["result"], "unauthenticated")
@@ -1318,6 +1319,48 @@ class _DefenceTests:
 
 
 class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
+    def certificate_key(self, pop):
+        der = self.identities[pop].certificate.public_bytes(Encoding.DER)
+        return "cert:" + fingerprint(der)
+
+    @inlineCallbacks
+    def test_shared_host_name_bans_only_the_failing_certificate(self):
+        """
+        Certificates that all name the same host (as C{gen-certs --host}
+        makes them): an unauthorised one's failures ban that certificate,
+        not the name they share, so the authorised ones replicate on, and
+        every record names the authorised POPs its certificate proves.
+        """
+        shared = os.path.join(self.pki_dir, "shared")
+        os.makedirs(shared)
+        for pop in (PRIMARY, PARTNER, STRANGER):
+            self.identities[pop] = tls.load_identity(
+                *pki.write_pop_files(
+                    shared, self.ca_key, self.ca_cert, pop, hosts=["localhost"]
+                )
+            )
+        forged = http_request(
+            *self.forged_parts(self.batch(source_pop=STRANGER)), close=True
+        )
+        for _ in range(self.ban_after + 1):
+            client = yield self.raw(forged, pop=STRANGER)
+            self.assertEqual(parse_responses(client.received)[0][0], 403)
+        refusals = self.refusals()
+        self.assertTrue(
+            refusals[self.ban_after - 1]["reason"].endswith(
+                "ban starts for " + self.certificate_key(STRANGER)
+            )
+        )
+        self.assertEqual(
+            refusals[-1]["reason"], "banned: " + self.certificate_key(STRANGER)
+        )
+        self.assertEqual({r["proven_pop"] for r in refusals}, {None})
+        self.assertApplied((yield self.send(self.batch())), applied=3)
+        result = yield self.send(self.partner_batch(), pop=PARTNER)
+        self.assertApplied(result, applied=3)
+        applied = self.records()[-2:]
+        self.assertEqual([r["proven_pop"] for r in applied], [PRIMARY, PARTNER])
+
     def secrets(self):
         """
         The primary's private key, as hex and base64 of its DER.
@@ -1350,7 +1393,9 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
         responses = yield self.pipeline(forged, pop=PARTNER)
         self.assertEqual([s for s, _, _ in responses], [401] * self.ban_after)
         self.assertTrue(
-            self.records()[-1]["reason"].endswith("ban starts for pop:geneva-01")
+            self.records()[-1]["reason"].endswith(
+                "ban starts for " + self.certificate_key(PARTNER)
+            )
         )
         self.assertApplied((yield self.send(self.batch())), applied=3)
 
@@ -1363,7 +1408,9 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
         )
         for response in responses:
             self.assertRawRefused(response, 403, "forbidden")
-        self.assertEqual(self.records()[-1]["reason"], "banned: pop:geneva-01")
+        self.assertEqual(
+            self.records()[-1]["reason"], "banned: " + self.certificate_key(PARTNER)
+        )
         self.assertEqual(list_vault_ids(self.data_dir), [VAULT_ID])
 
         later = self.batch(seq=8, timestamp=self.now())
@@ -1389,7 +1436,8 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
         )
         self.assertRawRefused(response, 429, "rate_limited")
         self.assertEqual(
-            self.records()[-1]["reason"], "rate limit reached by pop:calgary-01"
+            self.records()[-1]["reason"],
+            "rate limit reached by " + self.certificate_key(PRIMARY),
         )
         [response] = yield self.pipeline(
             [self.signed_request(self.partner_batch(), signer_pop=PARTNER, close=True)],
