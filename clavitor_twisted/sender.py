@@ -8,6 +8,11 @@ failure waits on the integer ladder L{BACKOFF_SECONDS} (or a 429's
 C{Retry-After}) and nothing is ever dropped: entries stay dirty on disk until
 a valid C{200} from the configured backup, and are then marked replicated
 only where their version is still the one that was sent.
+
+A refusal about what a batch holds (L{CONTENT_REFUSALS}) stops only the
+vault it is about: a batch of several vaults is sent again one vault per
+batch, and a vault refused on its own is held back, on a ladder of its own,
+while the other vaults go on replicating.
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ from clavitor_twisted.config import BackupPop, Config
 from clavitor_twisted.errors import ConfigError
 from clavitor_twisted.role import runs_sender
 from clavitor_twisted.tokens import TokenSource
-from clavitor_twisted.vault import Entry
+from clavitor_twisted.vault import Entry, by_vault
 
 BACKOFF_SECONDS = (1, 5, 25, 125, 625)
+# Answers that judge what the batch holds (an entry, a vault's owner or
+# epoch, its size), not the link or the credentials.
+CONTENT_REFUSALS = frozenset({400, 403, 409, 413})
 MAX_RETRY_AFTER = 3600
 MAX_ANSWER_BYTES = 64 * 1024
 
@@ -111,7 +119,9 @@ class DirtyStore(typing.Protocol):
     What the sender needs of L{clavitor_twisted.vault.VaultStore}.
     """
 
-    def dirty_batch(self, max_entries: int, max_bytes: int) -> Deferred[list[Entry]]: ...
+    def dirty_batch(
+        self, max_entries: int, max_bytes: int, exclude: frozenset[str] = frozenset()
+    ) -> Deferred[list[Entry]]: ...
 
     def mark_replicated(self, entries: Sequence[Entry]) -> Deferred[int]: ...
 
@@ -132,6 +142,17 @@ class Poster(typing.Protocol):
     def close(self) -> Deferred[None]: ...
 
 
+class _Hold:
+    """
+    A vault held back after the backup refused it alone: its own ladder,
+    and the clock time until which it is left out of batches.
+    """
+
+    def __init__(self, max_retries: int) -> None:
+        self.backoff = Backoff(max_retries)
+        self.until = 0.0
+
+
 class Sender:
     """
     The state machine that drains dirty entries to the backup.
@@ -140,6 +161,11 @@ class Sender:
     it scan once more before it ends; during a backoff wait, or after
     L{stop}, it does nothing.  C{seq} numbers every batch this process puts
     on the wire, retries included, so each signed request is unique.
+
+    Held-back vaults (at most one L{_Hold} per vault) are left out of
+    batches until their own delay has passed; then they go alone, each in
+    its own batch, until the backup accepts them.  A content refusal never
+    moves the global ladder, which is for the backup and the link.
     """
 
     log = Logger()
@@ -177,13 +203,17 @@ class Sender:
         self._again = False
         self._waiters: list[Deferred[None]] = []
         self._retry: IDelayedCall | None = None
+        self._held: dict[str, _Hold] = {}
+        self._held_retry: IDelayedCall | None = None
         self._stopped = False
 
     def start(self) -> None:
         """
-        Scan now and every C{replication.scan_interval} seconds.
+        Scan now and every C{replication.scan_interval} seconds (and when a
+        held-back vault's delay passes).
         """
         self._stopped = False
+        self._schedule_held_retry()
         self._loop.start(self._replication.scan_interval, now=True).addErrback(
             lambda failure: self.log.failure("replication scan loop died", failure)
         )
@@ -199,6 +229,9 @@ class Sender:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._held_retry is not None:
+            self._held_retry.cancel()
+            self._held_retry = None
         done = self._when_drained() if self._draining else succeed(None)
         done.addCallback(lambda _: self._post.close())
         return done
@@ -218,7 +251,8 @@ class Sender:
     def drain(self) -> Deferred[None]:
         """
         L{wake}, then a L{Deferred} that fires (never fails) when the drain
-        has ended: nothing left dirty, an attempt failed, or L{stop}.
+        has ended: nothing left dirty but in held-back vaults, an attempt
+        failed, or L{stop}.
         """
         self.wake()
         return self._when_drained() if self._draining else succeed(None)
@@ -244,31 +278,140 @@ class Sender:
             self._again = False
             try:
                 entries = yield self._store.dirty_batch(
-                    self._replication.batch_size, self._replication.max_batch_bytes
+                    self._replication.batch_size,
+                    self._replication.max_batch_bytes,
+                    self._held_back(),
                 )
             except Exception:
                 self._failed("store", Failure())
                 return
             if not entries:
+                self._forget_clean_holds()
                 if self._again:
                     continue
                 return
-            sent = yield self._send(entries)
+            sent = yield self._send_batch(entries)
             if not sent:
                 return
+
+    @inlineCallbacks
+    def _send_batch(self, entries: Sequence[Entry]):
+        """
+        Send one batch from the store: the entries of the vaults not held
+        back in one request, each held-back vault whose delay has passed in
+        a request of its own.  A content refusal of several vaults sends each
+        of them alone; one of a single vault holds it back.  Fires with True
+        to go on draining, False when a failure has scheduled the global
+        retry (or the sender stopped).
+        """
+        fresh = [e for e in entries if e.vault_id not in self._held]
+        attempts = [fresh] if fresh else []
+        attempts += [
+            group for vault_id, group in by_vault(entries).items() if vault_id in self._held
+        ]
+        while attempts:
+            if self._stopped:
+                return False
+            attempt = attempts.pop(0)
+            verdict = yield self._send(attempt)
+            if verdict is None:
+                return False
+            vaults = by_vault(attempt)
+            if verdict == 200:
+                self._release(vaults)
+            elif len(vaults) > 1:
+                self.log.warn(
+                    "backup {backup} refused a batch of {vaults} vaults"
+                    " (HTTP {status}); sending each vault alone",
+                    backup=self._backup.id,
+                    vaults=len(vaults),
+                    status=verdict,
+                )
+                attempts[:0] = vaults.values()
+            else:
+                (vault_id,) = vaults
+                self._hold(vault_id, verdict, len(attempt))
+        return True
+
+    def _held_back(self) -> frozenset[str]:
+        """
+        The vaults whose own delay has not passed yet.
+        """
+        now = self._clock.seconds()
+        return frozenset(v for v, hold in self._held.items() if hold.until > now)
+
+    def _hold(self, vault_id: str, status: int, count: int) -> None:
+        """
+        The backup refused C{vault_id} on its own: leave it out of batches
+        for the next step of its ladder.
+        """
+        hold = self._held.get(vault_id)
+        if hold is None:
+            hold = self._held[vault_id] = _Hold(self._replication.max_retries)
+        delay = hold.backoff.failure()
+        hold.until = self._clock.seconds() + delay
+        self.log.error(
+            "vault {vault_id} held back: backup answered {status};"
+            " its entries stay dirty; retry in {delay} s",
+            vault_id=vault_id,
+            status=status,
+            delay=delay,
+            failures=hold.backoff.failures,
+            entries=count,
+            backup=self._backup.id,
+        )
+        self._schedule_held_retry()
+
+    def _release(self, vaults: typing.Iterable[str]) -> None:
+        """
+        The backup accepted these vaults: none of them is held back any more.
+        """
+        for vault_id in vaults:
+            if self._held.pop(vault_id, None) is not None:
+                self.log.info(
+                    "vault {vault_id} accepted by {backup} again; no longer held back",
+                    vault_id=vault_id,
+                    backup=self._backup.id,
+                )
+
+    def _forget_clean_holds(self) -> None:
+        """
+        After a scan found nothing: a vault past its delay was scanned and
+        has nothing dirty, so there is nothing left to hold back.
+        """
+        now = self._clock.seconds()
+        for vault_id in [v for v, hold in self._held.items() if hold.until <= now]:
+            del self._held[vault_id]
+
+    def _schedule_held_retry(self) -> None:
+        """
+        Wake when the earliest held-back vault's delay passes (one timer).
+        """
+        if self._held_retry is not None:
+            self._held_retry.cancel()
+            self._held_retry = None
+        now = self._clock.seconds()
+        pending = [hold.until for hold in self._held.values() if hold.until > now]
+        if pending and not self._stopped:
+            self._held_retry = self._clock.callLater(min(pending) - now, self._held_due)
+
+    def _held_due(self) -> None:
+        self._held_retry = None
+        self.wake()
 
     @inlineCallbacks
     def _send(self, entries: Sequence[Entry]):
         """
         One attempt: sign a new batch, post it, judge the answer, and mark
-        the entries replicated after a valid C{200}.  Fires with True on
-        success; on failure the wait is already scheduled.
+        the entries replicated after a valid C{200}.  Fires with 200 on
+        success, with the status of a content refusal (nothing scheduled),
+        or with None on any other failure, whose wait is already scheduled.
         """
         try:
             epoch = yield self._store.primary_epoch()
         except Exception:
             self._failed("store", Failure())
-            return False
+            return None
         self._seq += 1
         batch = protocol.new_batch(
             self._pop_id,
@@ -296,19 +439,21 @@ class Sender:
         except Exception:
             failure = Failure()
             self._failed(_failure_reason(failure), failure)
-            return False
+            return None
+        if answer.code in CONTENT_REFUSALS:
+            return answer.code
         if answer.code == 429:
             self._failed(
                 "rate_limited", "HTTP 429", _retry_after(answer.headers)
             )
-            return False
+            return None
         if answer.code != 200:
             self._failed("refused", "HTTP {}".format(answer.code))
-            return False
+            return None
         document = _json_object(answer.body)
         if document is None:
             self._failed("bad_answer", "200 whose body is not a JSON object")
-            return False
+            return None
         if document.get("pop_id") != self._backup.id or document.get("role") != "backup":
             self._failed(
                 "wrong_backup",
@@ -318,19 +463,19 @@ class Sender:
                 ),
                 critical=True,
             )
-            return False
+            return None
         counts = {key: document.get(key) for key in _COUNT_KEYS}
         if not all(type(value) is int and value >= 0 for value in counts.values()):
             self._failed("bad_answer", "200 without applied/skipped/seq counts")
-            return False
+            return None
         if counts["seq"] != batch.seq:
             self._failed("bad_answer", "200 for another seq")
-            return False
+            return None
         try:
             marked = yield self._store.mark_replicated(entries)
         except Exception:
             self._failed("store", Failure())
-            return False
+            return None
         self._backoff.success()
         self.log.info(
             "replicated {count} entries to {backup} (epoch {epoch} seq {seq}):"
@@ -343,7 +488,7 @@ class Sender:
             skipped=counts["skipped"],
             marked=marked,
         )
-        return True
+        return 200
 
     def _failed(
         self,

@@ -1,8 +1,9 @@
 """
 Tests for L{clavitor_twisted.sender}: the backoff ladder and the drain state
 machine driven by L{Clock} against an in-memory store and a scripted
-backup, the lost-update guard against the real L{VaultStore}, and
-L{HttpsPoster} over real loopback TLS.
+backup, holding back a vault the backup refuses, the lost-update guard and
+a refused vault against the real L{VaultStore}, and L{HttpsPoster} over
+real loopback TLS.
 """
 
 import json
@@ -10,8 +11,9 @@ import os
 from dataclasses import replace
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.protocols.policies import WrappingFactory
@@ -29,7 +31,7 @@ from clavitor_twisted.config import (
     ReplicationConfig,
     SecurityConfig,
 )
-from clavitor_twisted.errors import ConfigError
+from clavitor_twisted.errors import ConfigError, Malformed
 from clavitor_twisted.role import Role
 from clavitor_twisted.sender import (
     BACKOFF_SECONDS,
@@ -85,6 +87,7 @@ class MemoryStore:
         self.rows = {}
         self.dirty = set()
         self.epoch = 1
+        self.excluded = []
 
     def write(self, vault_id, entry_id, data=b"secret"):
         key = (vault_id, entry_id)
@@ -97,8 +100,13 @@ class MemoryStore:
         for n in range(count):
             self.write(VAULT, "entry-{:05d}".format(n))
 
-    def dirty_batch(self, max_entries, max_bytes):
-        return succeed([self.rows[key] for key in sorted(self.dirty)[:max_entries]])
+    def dirty_batch(self, max_entries, max_bytes, exclude=frozenset()):
+        self.excluded.append(exclude)
+        keys = sorted(key for key in self.dirty if key[0] not in exclude)
+        return succeed([self.rows[key] for key in keys[:max_entries]])
+
+    def dirty_in(self, vault_id):
+        return {key for key in self.dirty if key[0] == vault_id}
 
     def mark_replicated(self, entries):
         cleared = 0
@@ -116,18 +124,33 @@ class MemoryStore:
 class ScriptedBackup:
     """
     A poster whose answers come from C{answer(batch)} (an L{Answer} or a
-    L{Deferred}); it records every request.
+    L{Deferred}); it records every request.  A body the backup's parser
+    refuses (an entry over C{max_entry_bytes}) gets the backup's 400.
     """
 
-    def __init__(self, answer):
+    def __init__(self, answer, max_entry_bytes=MiB):
         self.answer = answer
+        self.max_entry_bytes = max_entry_bytes
         self.requests = []
         self.closed = False
 
     def __call__(self, body, headers):
-        batch = protocol.parse_batch(body, MiB)
+        try:
+            batch = protocol.parse_batch(body, self.max_entry_bytes)
+        except Malformed:
+            self.requests.append((body, headers, None))
+            return succeed(Answer(400, Headers(), b'{"error": "malformed"}'))
         self.requests.append((body, headers, batch))
         return maybeDeferred(self.answer, batch)
+
+    def vaults(self):
+        """
+        The set of vault ids each request carried, in order.
+        """
+        return [
+            {entry["vault_id"] for entry in json.loads(body)["entries"]}
+            for body, _, _ in self.requests
+        ]
 
     def close(self):
         self.closed = True
@@ -218,7 +241,12 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(backoff.failure(), 625)
 
 
-class SenderTests(SynchronousTestCase):
+class _SenderCase(SynchronousTestCase):
+    """
+    A L{Sender} on a L{Clock} against a L{MemoryStore} and a
+    L{ScriptedBackup}, its log events collected.
+    """
+
     def setUp(self):
         self.clock = Clock()
         self.store = MemoryStore()
@@ -248,6 +276,8 @@ class SenderTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(self.posts(), before + 1)
 
+
+class SenderTests(_SenderCase):
     def test_eight_failures(self):
         """
         Eight failures in a row wait 1, 5, 25, 125, 625, 625, 625, 625 s, and
@@ -425,8 +455,6 @@ class SenderTests(SynchronousTestCase):
         """
         bad = [
             ("refused", answering(401)),
-            ("refused", answering(403)),
-            ("refused", answering(409)),
             ("refused", answering(500)),
             ("refused", answering(201)),
             ("wrong_backup", lambda batch: accepted(batch, pop_id="geneva-01")),
@@ -489,7 +517,7 @@ class SenderTests(SynchronousTestCase):
         scan again instead of ending on a stale empty answer.
         """
         scans = []
-        self.store.dirty_batch = lambda n, size: scans.append(Deferred()) or scans[-1]
+        self.store.dirty_batch = lambda n, size, exclude: scans.append(Deferred()) or scans[-1]
         sender = self.make(accepted)
         done = sender.drain()
         sender.wake()
@@ -505,7 +533,7 @@ class SenderTests(SynchronousTestCase):
         """
         calls = []
 
-        def broken(n, size):
+        def broken(n, size, exclude):
             calls.append(n)
             return maybeDeferred(lambda: 1 / 0)
 
@@ -569,9 +597,259 @@ class SenderTests(SynchronousTestCase):
         self.assertEqual(self.posts(), 1)
 
 
-class LostUpdateTests(TestCase):
+def refusal(code):
+    return Answer(code, Headers(), b'{"error": "refused"}')
+
+
+class Poisoned:
     """
-    The version guard, against the real L{VaultStore}.
+    A backup that refuses (with C{code}) any batch holding an entry of a
+    vault in C{poisoned}, and accepts the others.
+    """
+
+    def __init__(self, *vault_ids, code=400):
+        self.poisoned = set(vault_ids)
+        self.code = code
+
+    def __call__(self, batch):
+        if self.poisoned & {entry.vault_id for entry in batch.entries}:
+            return refusal(self.code)
+        return accepted(batch)
+
+
+class HeldVaultTests(_SenderCase):
+    """
+    A refusal about a batch's content (400, 403, 409, 413) stops only the
+    vault it is about; every other failure keeps the global ladder.
+    """
+
+    def held_back(self):
+        return [event for event in self.events if "held back" in event["log_format"]]
+
+    def test_poisoned_vault_isolated(self):
+        """
+        A refused batch mixing vaults is sent again one vault per batch, each
+        signed afresh; the refused vault is held back (logged at error with
+        its id) and the other vault drains fully within the same tick in
+        batches that leave the refused one out.
+        """
+        for n in range(3):
+            self.store.write(VAULT, "a%d" % n)
+        for n in range(250):
+            self.store.write(OTHER_VAULT, "b%03d" % n)
+        self.make(Poisoned(VAULT), make_config(batch_size=100)).start()
+        self.assertEqual(
+            self.backup.vaults(),
+            [{VAULT, OTHER_VAULT}, {VAULT}, {OTHER_VAULT}, {OTHER_VAULT}, {OTHER_VAULT}],
+        )
+        batches = self.backup.batches()
+        self.assertEqual([len(batch.entries) for batch in batches], [100, 3, 97, 100, 53])
+        self.assertEqual(set(batches[1].entries) | set(batches[2].entries), set(batches[0].entries))
+        self.assertEqual([batch.seq for batch in batches], [1, 2, 3, 4, 5])
+        self.assertEqual(len({batch.nonce for batch in batches}), 5)
+        self.assertEqual(self.store.dirty_in(OTHER_VAULT), set())
+        self.assertEqual(len(self.store.dirty_in(VAULT)), 3)
+        self.assertEqual(self.store.excluded, [frozenset()] + [frozenset({VAULT})] * 3)
+        (error,) = [event for event in self.events if event["log_level"] == LogLevel.error]
+        self.assertEqual((error["vault_id"], error["status"], error["delay"]), (VAULT, 400, 1))
+        self.assertEqual(
+            formatEvent(error),
+            "vault {} held back: backup answered 400; its entries stay dirty;"
+            " retry in 1 s".format(VAULT),
+        )
+        self.assertEqual(self.levels().count(LogLevel.warn), 1)
+        self.assertFalse(any("reason" in event for event in self.events))
+
+    def test_own_ladder_then_drains(self):
+        """
+        A held-back vault is retried alone after 1, 5, 25, 125, 625, 625 s
+        (the scan ticks between send nothing) while the other vault keeps
+        replicating; once the backup accepts it, it drains and is no longer
+        left out.
+        """
+        self.store.write(VAULT, "a1")
+        self.store.write(OTHER_VAULT, "b1")
+        backup = Poisoned(VAULT)
+        sender = self.make(backup, make_config(scan_interval=5))
+        sender.start()
+        self.assertEqual(self.backup.vaults(), [{VAULT, OTHER_VAULT}, {VAULT}, {OTHER_VAULT}])
+        for step, delay in enumerate((1, 5, 25, 125, 625, 625)):
+            self.assertWaits(delay)
+            self.assertEqual(self.backup.vaults()[-1], {VAULT})
+            self.store.write(OTHER_VAULT, "later-%d" % step)
+            sender.wake()
+            self.assertEqual(self.backup.vaults()[-1], {OTHER_VAULT})
+            self.assertEqual(self.store.dirty_in(OTHER_VAULT), set())
+        self.assertEqual(
+            [(event["vault_id"], event["delay"]) for event in self.held_back()],
+            [(VAULT, delay) for delay in (1, 5, 25, 125, 625, 625, 625)],
+        )
+        self.assertEqual(self.store.dirty_in(VAULT), {(VAULT, "a1")})
+        backup.poisoned.clear()
+        self.assertWaits(625)
+        self.assertEqual(self.backup.vaults()[-1], {VAULT})
+        self.assertEqual(self.store.dirty, set())
+        self.assertEqual(
+            (self.events[-1]["log_level"], self.events[-1]["vault_id"]), (LogLevel.info, VAULT)
+        )
+        self.assertEqual(self.store.excluded[-1], frozenset())
+        self.store.write(VAULT, "a2")
+        self.store.write(OTHER_VAULT, "b2")
+        sender.wake()
+        self.assertEqual(self.backup.vaults()[-1], {VAULT, OTHER_VAULT})
+        self.assertEqual(self.store.dirty, set())
+
+    def test_global_ladder_not_advanced(self):
+        """
+        Content refusals leave the global ladder alone: the first 503 after
+        two of them is failure 1 and waits 1 s.
+        """
+        self.store.write(VAULT, "a1")
+        sender = self.make(Poisoned(VAULT))
+        sender.start()
+        self.assertWaits(1)
+        self.assertEqual(len(self.held_back()), 2)
+        self.backup.answer = answering(503)
+        self.store.write(OTHER_VAULT, "b1")
+        sender.wake()
+        self.assertEqual(self.backup.vaults()[-1], {OTHER_VAULT})
+        failure = self.events[-1]
+        self.assertEqual((failure["reason"], failure["failures"], failure["delay"]), ("refused", 1, 1))
+        self.assertWaits(1)
+        self.assertEqual(self.events[-1]["failures"], 2)
+
+    def test_single_vault_refusal_holds_at_once(self):
+        """
+        A batch of one vault refused with 400, 403, 409 or 413 holds that
+        vault back at once, with no split; nothing of it is marked.
+        """
+        for code in (400, 403, 409, 413):
+            self.clock, self.store, self.events = Clock(), MemoryStore(), []
+            self.store.write(VAULT, "a1")
+            self.store.write(VAULT, "a2")
+            sender = self.make(answering(code))
+            sender.start()
+            self.assertEqual(self.backup.vaults(), [{VAULT}])
+            (event,) = self.events
+            self.assertEqual(
+                (event["log_level"], event["vault_id"], event["status"], event["delay"]),
+                (LogLevel.error, VAULT, code, 1),
+            )
+            self.assertWaits(1)
+            self.assertWaits(5)
+            self.assertEqual(self.store.dirty, {(VAULT, "a1"), (VAULT, "a2")})
+            self.successResultOf(sender.stop())
+
+    def test_split_batch_accepted(self):
+        """
+        A mixed batch refused as a whole (413: too large together) whose
+        vaults are accepted alone holds nothing back.
+        """
+        self.store.write(VAULT, "a1")
+        self.store.write(OTHER_VAULT, "b1")
+
+        def answer(batch):
+            if len({entry.vault_id for entry in batch.entries}) > 1:
+                return refusal(413)
+            return accepted(batch)
+
+        self.make(answer).start()
+        self.assertEqual(self.backup.vaults(), [{VAULT, OTHER_VAULT}, {VAULT}, {OTHER_VAULT}])
+        self.assertEqual(self.store.dirty, set())
+        self.assertEqual(self.held_back(), [])
+        self.assertEqual(self.store.excluded[-1], frozenset())
+
+    def test_other_failures_keep_global_ladder(self):
+        """
+        401, 5xx, connection failures, a wrong backup and 429 are not about
+        the content: the mixed batch is never split, no vault is held back,
+        and the waits follow the global ladder.
+        """
+        self.store.write(VAULT, "a1")
+        self.store.write(OTHER_VAULT, "b1")
+        answers = [
+            answering(401),
+            answering(500),
+            answering(503),
+            lambda batch: fail(ConnectionRefusedError()),
+            lambda batch: accepted(batch, pop_id="geneva-01"),
+            answering(429),
+            accepted,
+        ]
+        self.make(lambda batch: answers.pop(0)(batch)).start()
+        for delay in (1, 5, 25, 125, 625, 625):
+            self.assertWaits(delay)
+        self.assertEqual(self.backup.vaults(), [{VAULT, OTHER_VAULT}] * 7)
+        self.assertEqual(
+            [event.get("reason") for event in self.events[:-1]],
+            ["refused", "refused", "refused", "connection", "wrong_backup", "rate_limited"],
+        )
+        self.assertEqual(self.held_back(), [])
+        self.assertEqual(self.store.dirty, set())
+
+    def test_forgets_vault_with_nothing_dirty(self):
+        """
+        A held-back vault past its delay with nothing dirty any more is
+        forgotten: its next entries go in mixed batches again.
+        """
+        self.store.write(VAULT, "a1")
+        backup = Poisoned(VAULT)
+        sender = self.make(backup)
+        sender.start()
+        self.store.dirty.clear()
+        self.clock.advance(1)
+        self.assertEqual(self.posts(), 1)
+        backup.poisoned.clear()
+        self.store.write(VAULT, "a2")
+        self.store.write(OTHER_VAULT, "b1")
+        sender.wake()
+        self.assertEqual(self.backup.vaults()[1:], [{VAULT, OTHER_VAULT}])
+
+    def test_stop_during_split(self):
+        """
+        stop() while the split batches go waits for the one in flight and
+        sends no other; no timer is left.
+        """
+        held = Held()
+        self.store.write(VAULT, "a1")
+        self.store.write(OTHER_VAULT, "b1")
+        sender = self.make(held)
+        sender.start()
+        held.pending.pop(0)[1].callback(refusal(400))
+        self.assertEqual(self.backup.vaults(), [{VAULT, OTHER_VAULT}, {VAULT}])
+        stopped = sender.stop()
+        self.assertNoResult(stopped)
+        held.pending.pop(0)[1].callback(refusal(400))
+        self.successResultOf(stopped)
+        self.assertEqual(self.posts(), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.store.dirty, {(VAULT, "a1"), (OTHER_VAULT, "b1")})
+
+    def test_stop_cancels_held_retry(self):
+        """
+        stop() cancels a held-back vault's retry; start() brings it back on
+        time.
+        """
+        self.store.write(VAULT, "a1")
+        sender = self.make(Poisoned(VAULT), make_config(scan_interval=60))
+        sender.start()
+        self.assertWaits(1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        self.successResultOf(sender.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(2)
+        sender.start()
+        self.assertEqual(self.posts(), 2)
+        self.assertWaits(3)
+        self.successResultOf(sender.stop())
+        self.clock.advance(10_000)
+        self.assertEqual(self.posts(), 3)
+
+
+class RealStoreTests(TestCase):
+    """
+    The sender against the real L{VaultStore}: the version guard, and a
+    vault the backup refuses.
     """
 
     timeout = 10
@@ -621,6 +899,41 @@ class LostUpdateTests(TestCase):
         reply.callback(accepted(second))
         yield done
         self.assertEqual(self.vault.count_dirty(), 0)
+
+    @inlineCallbacks
+    def test_oversized_entry_holds_only_its_vault(self):
+        """
+        The operator's case: an entry of 1.5 MiB (over the backup's 1 MiB
+        max_entry_bytes) in one vault; the other vault replicates fully in
+        the same drain, the big entry's vault stays dirty and held back, and
+        drains alone after its 1 s once the backup takes the entry.
+        """
+        self.vault.put_entry("big", b"x" * (3 * MiB // 2), now_ms=1)
+        self.vault.put_entry("small", b"s", now_ms=1)
+        other = Vault.open(vault_path(self.data_dir, OTHER_VAULT), create=True)
+        self.addCleanup(other.close)
+        for n in range(25):
+            other.put_entry("e%02d" % n, b"o", now_ms=1)
+        backup = ScriptedBackup(accepted)
+        clock = Clock()
+        sender = Sender(make_config(batch_size=10), self.store, backup, SIGNER, clock)
+        events = []
+        sender.log = Logger(observer=events.append)
+        yield sender.drain()
+        self.assertEqual(other.count_dirty(), 0)
+        self.assertEqual(self.vault.count_dirty(), 2)
+        self.assertEqual(
+            backup.vaults(),
+            [{VAULT, OTHER_VAULT}, {VAULT}, {OTHER_VAULT}, {OTHER_VAULT}, {OTHER_VAULT}],
+        )
+        errors = [event for event in events if event["log_level"] == LogLevel.error]
+        self.assertEqual([(e["vault_id"], e["status"]) for e in errors], [(VAULT, 400)])
+        backup.max_entry_bytes = 2 * MiB
+        clock.advance(1)
+        yield sender.drain()
+        self.assertEqual(backup.vaults()[-1], {VAULT})
+        self.assertEqual(self.vault.count_dirty(), 0)
+        self.assertEqual(len(backup.requests), 6)
 
 
 class _Connections(WrappingFactory):
