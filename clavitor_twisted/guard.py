@@ -7,7 +7,9 @@ long as a request carrying it could still pass the freshness check, and no
 longer, so its memory is bounded by the traffic of one time window.
 L{RateLimiter} caps the requests of one key (a peer address or a POP) per
 minute, and L{BanList} refuses a key for a while after repeated failed
-authentications (DESIGN.md rule 10).
+authentications (DESIGN.md rule 10).  L{BodyBudget} bounds the request
+bodies held in memory at once, across all requests, and
+L{ConnectionLimit} the connections open at once from one peer address.
 
 Each holds at most C{capacity} keys and forgets what no longer matters on
 its own, lazily, on the next call.  When full, none of them evicts state
@@ -316,3 +318,66 @@ class BanList:
                 break
             self._failures.popitem(last=False)
         return now
+
+
+class BodyBudget:
+    """
+    The bytes of request bodies that may be held in memory at once, all
+    requests together: each request reserves what it will hold before it
+    holds it, and releases it when done, so that many requests each within
+    C{max_request_bytes} cannot add up to more than C{limit}.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.in_use = 0
+
+    def reserve(self, size: int) -> None:
+        """
+        @raise NotReady: C{size} more bytes would exceed the budget.
+        """
+        if self.in_use + size > self.limit:
+            raise NotReady("body budget of all requests exhausted")
+        self.in_use += size
+
+    def release(self, size: int) -> None:
+        if not 0 <= size <= self.in_use:
+            raise ValueError("released more than was reserved")
+        self.in_use -= size
+
+
+class ConnectionLimit:
+    """
+    At most C{limit} connections open at once per key (a peer address).
+    Only keys with an open connection are tracked, so memory is bounded
+    by the connections themselves.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def acquire(self, key: str) -> bool:
+        """
+        Count one more connection of C{key}: C{False} (nothing counted) if
+        it already has C{limit}.
+        """
+        count = self._open.get(key, 0)
+        if count >= self.limit:
+            return False
+        self._open[key] = count + 1
+        return True
+
+    def release(self, key: str) -> None:
+        count = self._open[key] - 1
+        if count:
+            self._open[key] = count
+        else:
+            del self._open[key]

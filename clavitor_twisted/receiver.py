@@ -4,13 +4,15 @@ The backup side of replication: C{POST /api/replication/apply}.
 
 A request passes one short chain of checks (DESIGN.md rule 2), cheapest
 first.  As soon as its headers are in, L{_ApiRequest} refuses framing it
-cannot trust (400) or a declared body above C{max_request_bytes} (413, the
-connection closed before the body is read), and asks the L{Defences} whether
-the peer address (and, in C{mtls}, its certificate, by fingerprint) is
-banned (403) or over its rate (429), and refuses a certificate that names
-no authorised POP (403); such a request is answered once its
-(capped) body is in, never parsed or verified.  A body that streams past
-the cap is cut off (413, connection closed).  L{ApplyResource} then checks method,
+cannot trust (400) or a declared body above C{max_request_bytes} (413), and
+asks the L{Defences} whether the peer address (and, in C{mtls}, its
+certificate, by fingerprint) is banned (403) or over its rate (429),
+whether the certificate names an authorised POP (403), and whether the
+declared body fits the budget of bodies held at once (503); any of these
+is answered at once and the connection closed, the body never read.  A
+body that streams past the cap or the budget is cut off likewise (413,
+503).  A peer address holds at most L{MAX_CONNECTIONS_PER_ADDRESS}
+connections at once.  L{ApplyResource} then checks method,
 media type, the signature on the raw bytes, the strict parse, the identity
 the credential proves (and, in C{bearer}, that POP's ban and rate),
 authorisation, target, freshness (refusing, as stale, anything signed up
@@ -57,11 +59,28 @@ from clavitor_twisted.errors import (
     TooLarge,
     UnsupportedMediaType,
 )
-from clavitor_twisted.guard import BanList, NonceCache, RateLimiter
+from clavitor_twisted.guard import (
+    BanList,
+    BodyBudget,
+    ConnectionLimit,
+    NonceCache,
+    RateLimiter,
+)
 from clavitor_twisted.tokens import TokenSource
 from clavitor_twisted.vault import VaultStore
 
 JSON_MEDIA_TYPE = b"application/json"
+
+# twisted.web's table lacks 429.
+_REASON_PHRASES = {**http.RESPONSES, 429: b"Too Many Requests"}
+
+# Connections one peer address may hold open at once: a partner needs one or
+# two, and each costs a TLS session and a request in memory.
+MAX_CONNECTIONS_PER_ADDRESS = 16
+
+# The request bodies all requests together may hold in memory at once, in
+# units of max_request_bytes.
+BODY_BUDGET_REQUESTS = 4
 
 # Sent with every answer of the site.
 SECURITY_HEADERS = (
@@ -167,6 +186,8 @@ class Defences:
         security = config.security
         self.max_request_bytes = security.max_request_bytes
         self.authorized_pops = frozenset(config.authorized_pops)
+        self.bodies = BodyBudget(BODY_BUDGET_REQUESTS * security.max_request_bytes)
+        self.connections = ConnectionLimit(MAX_CONNECTIONS_PER_ADDRESS)
         self.clock = clock
         self.audit = audit
         self.bans = BanList(clock, security.ban_after_failures, security.ban_duration)
@@ -369,6 +390,26 @@ class _ApiChannel(http.HTTPChannel):
 
     _closing = False
     _abort = None
+    _counted: str | None = None
+
+    def connectionMade(self) -> None:
+        """
+        Count the connection against its peer address; one over the limit
+        is dropped at once, before a byte of it is read.
+        """
+        super().connectionMade()
+        peer = self.transport.getPeer()
+        address = getattr(peer, "host", str(peer))
+        if self.site.defences.connections.acquire(address):
+            self._counted = address
+            return
+        log.warn(
+            "dropped a connection from {peer}: {limit} already open from it",
+            peer=address,
+            limit=MAX_CONNECTIONS_PER_ADDRESS,
+        )
+        self._closing = True
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if not self._closing:
@@ -394,7 +435,7 @@ class _ApiChannel(http.HTTPChannel):
         self.writeHeaders(
             b"HTTP/1.1",
             b"%d" % (refusal.status,),
-            http.RESPONSES[refusal.status],
+            _REASON_PHRASES.get(refusal.status, b"Refused"),
             headers,
         )
         self.write(body)
@@ -420,6 +461,9 @@ class _ApiChannel(http.HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
+        if self._counted is not None:
+            self.site.defences.connections.release(self._counted)
+            self._counted = None
         super().connectionLost(reason)
 
 
@@ -427,12 +471,14 @@ class _ApiRequest(server.Request):
     """
     A request of the replication API.
 
-    The body is kept in memory, never more than C{max_request_bytes} of it.
-    A refusal decided on the headers alone (ban, rate) is answered once the
-    body is in, never parsed or verified, so the connection stays usable;
-    one that leaves the body's end in doubt (too large, untrusted framing)
-    is answered at once and the connection closed.  Either way the
-    resources never see the request.
+    The body is kept in memory, never more than C{max_request_bytes} of
+    it, and only what the site's L{BodyBudget} has room for: a declared
+    length is reserved whole at the headers, a chunked body as it comes,
+    and released when the request is done.  A refusal decided on the
+    headers alone (framing, size, ban, rate, unauthorised certificate, no
+    room in the budget) is answered at once, without reading the body or
+    sending C{100 Continue}, and the connection closed; the resources never
+    see the request.
     """
 
     def __init__(self, channel: _ApiChannel, *args, **kwargs) -> None:
@@ -450,24 +496,25 @@ class _ApiRequest(server.Request):
             # becomes of the request.
             proven_pop=",".join(sorted(names & self._defences.authorized_pops)) or None,
         )
-        self._refusal: RequestRefused | None = None
         self._cut_off = False
         self._gone = False
-        self.notifyFinish().addErrback(self._went_away)
+        self._chunked = False
+        self._reserved = 0
+        finished = self.notifyFinish()
+        finished.addErrback(self._went_away)
+        finished.addBoth(lambda _: self._release_body())
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
+        self._chunked = length is None
         try:
             self._check_framing(length)
-        except RequestRefused as refusal:
-            self._cut(refusal)
-            return
-        try:
             self._defences.admit(self.attempt)
-        except _UnauthorisedCertificate as refusal:
-            self._cut(refusal)
+            if length is not None:
+                self._defences.bodies.reserve(length)
+                self._reserved = length
         except RequestRefused as refusal:
-            self._refusal = refusal
+            self._cut(refusal)
 
     def _check_framing(self, length: int | None) -> None:
         """
@@ -485,14 +532,25 @@ class _ApiRequest(server.Request):
         if self._cut_off:
             return
         self.attempt.bytes += len(data)
-        if self.attempt.bytes > self._defences.max_request_bytes:
-            self._cut(TooLarge("chunked body passed max_request_bytes"))
+        try:
+            if self.attempt.bytes > self._defences.max_request_bytes:
+                raise TooLarge("chunked body passed max_request_bytes")
+            if self._chunked:
+                self._defences.bodies.reserve(len(data))
+                self._reserved += len(data)
+        except RequestRefused as refusal:
+            self._cut(refusal)
         else:
             self.content.write(data)
+
+    def _release_body(self) -> None:
+        self._defences.bodies.release(self._reserved)
+        self._reserved = 0
 
     def _cut(self, refusal: RequestRefused) -> None:
         self._cut_off = True
         self.content = BytesIO()
+        self._release_body()
         # No "100 Continue" after the answer.
         self.requestHeaders.removeHeader(b"Expect")
         self.channel.refuse_and_close(refusal, self.attempt)
@@ -510,14 +568,11 @@ class _ApiRequest(server.Request):
 
     def process(self) -> None:
         """
-        Answer the refusal decided on the headers, or render the site's
-        single resource (no traversal, no special case for C{*}).
+        Render the site's single resource (no traversal, no special case
+        for C{*}).
         """
         self.site = self.channel.site
         self.setHeader(b"Date", http.datetimeToString(self._defences.clock.seconds()))
-        if self._refusal is not None:
-            self.refuse(self._refusal)
-            return
         try:
             self.render(self.site.resource)
         except BaseException:

@@ -8,9 +8,12 @@ accepted.
 
 import dataclasses
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 
 from clavitor_twisted import protocol
+from clavitor_twisted.receiver import BODY_BUDGET_REQUESTS, MAX_CONNECTIONS_PER_ADDRESS
 from clavitor_twisted.vault import list_vault_ids
 from tests.test_receiver import (
     ENTRIES,
@@ -23,6 +26,31 @@ from tests.test_receiver import (
     http_request,
     parse_responses,
 )
+
+class _Holder(_Collect):
+    """
+    A raw client that sends C{request} and holds the connection open;
+    C{ready} fires once its TLS handshake is done (so the server has the
+    connection).
+    """
+
+    def __init__(self, request: bytes) -> None:
+        super().__init__(request)
+        self.ready = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.ready.callback(None)
+
+
+@inlineCallbacks
+def until(predicate):
+    """
+    Wait, on the real reactor, until C{predicate()} holds (the server
+    has read what a client sent).
+    """
+    while not predicate():
+        yield deferLater(reactor, 0.005, lambda: None)
+
 
 class _AnnouncingAudit:
     """
@@ -351,3 +379,93 @@ class FramingTests(ReceiverTestCase):
         self.assertEqual(len(responses), 2)
         self.assertEqual(list_vault_ids(self.data_dir), [VAULT_ID])
         self.assertEqual([r["result"] for r in self.records()], ["applied", "malformed"])
+
+    @inlineCallbacks
+    def hold(self, count, request=b"", source="127.0.0.1"):
+        """
+        C{count} connections from C{source}, each having sent C{request}
+        and held open (closed at the end of the test).
+        """
+        holders = []
+        for _ in range(count):
+            holder = _Holder(request)
+            yield self.connect(holder, source=source)
+            yield holder.ready
+            holders.append(holder)
+        self.addCleanup(self.release, holders)
+        return holders
+
+    @inlineCallbacks
+    def release(self, holders):
+        for holder in holders:
+            holder.transport.loseConnection()
+            yield holder.lost
+        yield self.factory.whenAllLost()
+
+    @inlineCallbacks
+    def test_refused_at_the_headers_without_100_continue(self):
+        """
+        A banned peer that declares a body and asks for C{100 Continue}
+        gets its 403 at once, before sending the body, and no
+        C{100 Continue}; the connection is closed, nothing of the body
+        read or reserved.
+        """
+        for _ in range(self.ban_after):
+            self.site.defences.bans.record_failure("address:127.0.0.1")
+        body, headers = self.padded(MAX_REQUEST_BYTES)
+        head = http_request(body, headers + [(b"Expect", b"100-continue")])
+        client = yield self.raw(head[: -len(body)])
+        self.assertNotIn(b"100 Continue", client.received)
+        self.assertClosedAfter(client, 403, "forbidden")
+        self.assertOnlyRecord("forbidden", 403, 0)
+        self.assertEqual(self.site.defences.bodies.in_use, 0)
+
+    @inlineCallbacks
+    def test_body_budget_across_requests(self):
+        """
+        Requests holding BODY_BUDGET_REQUESTS full bodies between them use
+        the whole budget: one more declaring a body gets 503 at the
+        headers, a chunked one is cut off with 503 at its first chunk.
+        Once they are gone the budget is free again and a batch applies.
+        """
+        budget = self.site.defences.bodies
+        body, headers = self.padded(MAX_REQUEST_BYTES)
+        head = http_request(body, headers)[: -len(body)]
+        holders = yield self.hold(BODY_BUDGET_REQUESTS, head + body[:10])
+        yield until(lambda: budget.in_use == budget.limit)
+        self.assertEqual(budget.limit, BODY_BUDGET_REQUESTS * MAX_REQUEST_BYTES)
+
+        small = self.signed_request(self.batch(), close=True)
+        client = yield self.raw(small, alone=False)
+        self.assertClosedAfter(client, 503, "unavailable")
+        self.assertEqual(self.records()[-1]["bytes"], 0)
+        chunked_request = http_request(
+            chunked(body[:100]),
+            headers + [(b"Transfer-Encoding", b"chunked")],
+            length=False,
+        )
+        client = yield self.raw(chunked_request, alone=False)
+        self.assertClosedAfter(client, 503, "unavailable")
+        self.assertEqual(budget.in_use, budget.limit)
+
+        yield self.release(holders)
+        self.assertEqual(budget.in_use, 0)
+        [response] = yield self.pipeline([small])
+        self.assertEqual(response[0], 200, response[2])
+        self.assertEqual(budget.in_use, 0)
+
+    @inlineCallbacks
+    def test_connections_per_address(self):
+        """
+        One address holds at most MAX_CONNECTIONS_PER_ADDRESS connections:
+        one more is dropped at once, unanswered; another address is served.
+        """
+        yield self.hold(MAX_CONNECTIONS_PER_ADDRESS)
+        dropped = yield self.raw(self.signed_request(self.batch()), alone=False)
+        self.assertEqual(dropped.received, b"")
+        client = yield self.raw(
+            self.signed_request(self.batch(), close=True), source="127.0.0.2", alone=False
+        )
+        [response] = parse_responses(client.received)
+        self.assertEqual(response[0], 200, response[2])
+        self.assertEqual(len(self.stored()[0]), 3)

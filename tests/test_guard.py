@@ -11,7 +11,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from clavitor_twisted.errors import Forbidden, NotReady, RateLimited, StaleRequest
-from clavitor_twisted.guard import BanList, NonceCache, RateLimiter
+from clavitor_twisted.guard import (
+    BanList,
+    BodyBudget,
+    ConnectionLimit,
+    NonceCache,
+    RateLimiter,
+)
 
 MAX_AGE = 300
 SKEW = 30
@@ -579,3 +585,54 @@ class BanListModelTests(SynchronousTestCase):
                             started = True
                 self.assertEqual(bans.record_failure(key), started)
             self.assertEqual(len(bans), len(ended) + len(failures))
+
+
+class BodyBudgetTests(SynchronousTestCase):
+    def test_reserve_up_to_the_limit(self):
+        """
+        Reservations add up to the limit exactly; one byte more is refused
+        (NotReady, 503) and reserves nothing; a release makes room again.
+        """
+        budget = BodyBudget(100)
+        budget.reserve(60)
+        budget.reserve(40)
+        self.assertRaises(NotReady, budget.reserve, 1)
+        self.assertEqual(budget.in_use, 100)
+        budget.release(40)
+        self.assertRaises(NotReady, budget.reserve, 41)
+        budget.reserve(40)
+        budget.release(100)
+        self.assertEqual(budget.in_use, 0)
+
+    def test_release_more_than_reserved(self):
+        budget = BodyBudget(10)
+        budget.reserve(5)
+        self.assertRaises(ValueError, budget.release, 6)
+        self.assertRaises(ValueError, budget.release, -1)
+        self.assertEqual(budget.in_use, 5)
+
+    def test_bad_limit(self):
+        self.assertRaises(ValueError, BodyBudget, 0)
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    def test_per_key(self):
+        """
+        Each key may hold C{limit} connections; a refused one is not
+        counted; a key with none open is forgotten.
+        """
+        limit = ConnectionLimit(2)
+        self.assertTrue(limit.acquire("a"))
+        self.assertTrue(limit.acquire("a"))
+        self.assertFalse(limit.acquire("a"))
+        self.assertTrue(limit.acquire("b"))
+        limit.release("a")
+        self.assertTrue(limit.acquire("a"))
+        self.assertFalse(limit.acquire("a"))
+        limit.release("a")
+        limit.release("a")
+        limit.release("b")
+        self.assertEqual(len(limit), 0)
+
+    def test_bad_limit(self):
+        self.assertRaises(ValueError, ConnectionLimit, 0)

@@ -1125,22 +1125,24 @@ class _DefenceTests:
         """
         1,000 requests that fail authentication, pipelined from another
         address: the first ban_after are refused as unauthenticated, the
-        rest as banned, each answered and audited; then the primary's batch
-        is applied as usual.
+        next as banned, at once, and the connection closed without reading
+        the rest; so is the next flood; each answer audited.  Then the
+        primary's batch is applied as usual.
         """
         count = 1000
         flood = [self.forged(self.batch()) for _ in range(count - 1)]
         flood.append(self.forged(self.batch(), close=True))
-        responses = yield self.pipeline(flood, pop=PARTNER, source="127.0.0.2")
-        expected = [(401, "unauthenticated")] * self.ban_after
-        expected += [(403, "forbidden")] * (count - self.ban_after)
-        self.assertEqual(
-            [(status, json.loads(body)["error"]) for status, _, body in responses],
-            expected,
-        )
+        expected = [(401, "unauthenticated")] * self.ban_after + [(403, "forbidden")]
+        for answers in (expected, expected[-1:]):
+            responses = yield self.pipeline(flood, pop=PARTNER, source="127.0.0.2")
+            self.assertEqual(
+                [(status, json.loads(body)["error"]) for status, _, body in responses],
+                answers,
+            )
+            self.assertEqual(responses[-1][1][b"connection"], [b"close"])
         self.assertApplied((yield self.send(self.batch())), applied=3)
         records = self.records()
-        self.assertEqual(len(records), count + 1)
+        self.assertEqual(len(records), self.ban_after + 3)
         self.assertEqual(sum(r["auth_failure"] for r in records), self.ban_after)
         self.assertEqual(self.audit.counts["auth_failure"], self.ban_after)
 
@@ -1402,11 +1404,9 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
         unsigned = http_request(
             b"{}", [(b"Content-Type", b"application/json")], close=True
         )
-        responses = yield self.pipeline(
-            [self.signed_request(self.partner_batch(), signer_pop=PARTNER), unsigned],
-            pop=PARTNER,
-        )
-        for response in responses:
+        for request in (self.signed_request(self.partner_batch(), signer_pop=PARTNER), unsigned):
+            client = yield self.raw(request, pop=PARTNER)
+            [response] = parse_responses(client.received)
             self.assertRawRefused(response, 403, "forbidden")
         self.assertEqual(
             self.records()[-1]["reason"], "banned: " + self.certificate_key(PARTNER)
