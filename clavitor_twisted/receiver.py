@@ -185,6 +185,7 @@ class Defences:
     def __init__(self, config: Config, clock: IReactorTime, audit: AuditLog) -> None:
         security = config.security
         self.max_request_bytes = security.max_request_bytes
+        self.request_timeout = config.replication.request_timeout
         self.authorized_pops = frozenset(config.authorized_pops)
         self.bodies = BodyBudget(BODY_BUDGET_REQUESTS * security.max_request_bytes)
         self.connections = ConnectionLimit(MAX_CONNECTIONS_PER_ADDRESS)
@@ -386,11 +387,19 @@ class _ApiChannel(http.HTTPChannel):
     """
     HTTP/1.1 (no HTTP/2) whose refusals of bad framing are JSON answers
     with the security headers, after which it reads nothing more.
+
+    Besides the site's idle timeout, each request has a deadline: from
+    its first byte (from the connection for the first request) until its
+    headers and body are in, at most C{request_timeout} seconds, or the
+    connection is aborted.  A peer sending a byte now and then keeps a
+    connection from going idle, not from ending.
     """
 
     _closing = False
     _abort = None
     _counted: str | None = None
+    _deadline = None
+    _receiving: "_ApiRequest | None" = None
 
     def connectionMade(self) -> None:
         """
@@ -402,6 +411,7 @@ class _ApiChannel(http.HTTPChannel):
         address = getattr(peer, "host", str(peer))
         if self.site.defences.connections.acquire(address):
             self._counted = address
+            self._start_deadline()
             return
         log.warn(
             "dropped a connection from {peer}: {limit} already open from it",
@@ -413,7 +423,49 @@ class _ApiChannel(http.HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._closing:
+            self._start_deadline()
             super().dataReceived(data)
+
+    def request_started(self, request: "_ApiRequest") -> None:
+        self._receiving = request
+        self._start_deadline()
+
+    def request_received(self) -> None:
+        """
+        The request being received is complete: no deadline until the
+        next one starts.
+        """
+        self._receiving = None
+        self._cancel_deadline()
+
+    def _start_deadline(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(
+                self.site.defences.request_timeout, self._timed_out
+            )
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        self._closing = True
+        log.warn(
+            "aborted a connection from {peer}: request not complete within {timeout} s",
+            peer=self._counted,
+            timeout=self.site.defences.request_timeout,
+        )
+        if self._receiving is not None:
+            self.site.defences.record(
+                self._receiving.attempt,
+                http.REQUEST_TIMEOUT,
+                "timeout",
+                "request not complete within request_timeout",
+            )
+        self.transport.abortConnection()
 
     def refuse_and_close(self, refusal: RequestRefused, attempt: _Attempt) -> None:
         """
@@ -424,6 +476,7 @@ class _ApiChannel(http.HTTPChannel):
         if self._closing:
             return
         self._closing = True
+        self._cancel_deadline()
         body = _document({"error": refusal.word})
         headers = Headers()
         for name, value in SECURITY_HEADERS:
@@ -461,6 +514,7 @@ class _ApiChannel(http.HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
+        self._cancel_deadline()
         if self._counted is not None:
             self.site.defences.connections.release(self._counted)
             self._counted = None
@@ -503,6 +557,7 @@ class _ApiRequest(server.Request):
         finished = self.notifyFinish()
         finished.addErrback(self._went_away)
         finished.addBoth(lambda _: self._release_body())
+        channel.request_started(self)
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
@@ -558,6 +613,7 @@ class _ApiRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._cut_off:
             return
+        self.channel.request_received()
         if version != b"HTTP/1.1" and self.requestHeaders.hasHeader(
             b"Transfer-Encoding"
         ):

@@ -469,3 +469,68 @@ class FramingTests(ReceiverTestCase):
         [response] = parse_responses(client.received)
         self.assertEqual(response[0], 200, response[2])
         self.assertEqual(len(self.stored()[0]), 3)
+
+    def channel(self):
+        [connection] = self.factory.protocols
+        return connection.wrappedProtocol
+
+    @inlineCallbacks
+    def test_slow_headers_aborted_at_the_request_deadline(self):
+        """
+        Headers dribbled a line a second never let the connection go idle,
+        but request_timeout seconds of the site's clock after the
+        connection was made it is aborted, unanswered, and audited as a
+        timeout.
+        """
+        timeout = self.config.replication.request_timeout
+        body, headers = self.padded(MAX_REQUEST_BYTES)
+        head = http_request(body, headers)[: -len(b"\r\n") - len(body)]
+        [holder] = yield self.hold(1, head)
+        channel = self.channel()
+        yield until(lambda: channel.requests)
+        for second in range(timeout - 1):
+            self.clock.advance(1)
+            holder.transport.write(b"X-Pad-%d: x\r\n" % (second,))
+            if second:
+                # The line before this one is parsed once this one starts.
+                name = b"X-Pad-%d" % (second - 1,)
+                yield until(lambda: channel.requests[-1].requestHeaders.hasHeader(name))
+        self.assertNoResult(holder.lost)
+        self.clock.advance(1)
+        yield holder.lost
+        self.assertEqual(holder.received, b"")
+        self.assertOnlyRecord("timeout", 408, 0)
+
+    @inlineCallbacks
+    def test_slow_body_aborted_at_the_request_deadline(self):
+        """
+        A body trickling in is aborted request_timeout seconds after the
+        request's first byte; a request completed in time on the same
+        connection started no deadline for the idle time after it.
+        """
+        timeout = self.config.replication.request_timeout
+        [holder] = yield self.hold(1, self.signed_request(self.batch()))
+        yield until(lambda: holder.received)
+        self.assertEqual(parse_responses(holder.received)[0][0], 200)
+        self.clock.advance(timeout - 1)
+        body, headers = self.padded(MAX_REQUEST_BYTES, seq=8)
+        holder.transport.write(http_request(body, headers)[: -len(body)] + body[:10])
+        channel = self.channel()
+        yield until(lambda: channel.requests and channel.requests[-1].attempt.bytes == 10)
+        self.clock.advance(timeout - 1)
+        self.assertNoResult(holder.lost)
+        self.clock.advance(1)
+        yield holder.lost
+        record = self.records()[-1]
+        self.assertEqual((record["result"], record["status"], record["bytes"]), ("timeout", 408, 10))
+
+    @inlineCallbacks
+    def test_silent_connection_aborted(self):
+        """
+        A connection that sends nothing is aborted after request_timeout,
+        with no request to audit.
+        """
+        [holder] = yield self.hold(1)
+        self.clock.advance(self.config.replication.request_timeout)
+        yield holder.lost
+        self.assertEqual(self.records(), [])
