@@ -1,6 +1,8 @@
 """
 Tests for the HTTP framing of L{clavitor_twisted.receiver}: the body cap while
-the body streams in, framing that is malformed or ambiguous, and pipelining.
+the body streams in, framing that is malformed or ambiguous, pipelining,
+refusals at the headers, the budget of bodies held at once, connections per
+address and the per-request deadline (on the site's Clock).
 Every request is written byte by byte by the test over a real loopback TLS
 connection, and each would apply a valid signed batch if its framing were
 accepted.
@@ -26,6 +28,7 @@ from tests.test_receiver import (
     http_request,
     parse_responses,
 )
+
 
 class _Holder(_Collect):
     """
@@ -494,7 +497,9 @@ class FramingTests(ReceiverTestCase):
             if second:
                 # The line before this one is parsed once this one starts.
                 name = b"X-Pad-%d" % (second - 1,)
-                yield until(lambda: channel.requests[-1].requestHeaders.hasHeader(name))
+                yield until(
+                    lambda name=name: channel.requests[-1].requestHeaders.hasHeader(name)
+                )
         self.assertNoResult(holder.lost)
         self.clock.advance(1)
         yield holder.lost
@@ -522,7 +527,9 @@ class FramingTests(ReceiverTestCase):
         self.clock.advance(1)
         yield holder.lost
         record = self.records()[-1]
-        self.assertEqual((record["result"], record["status"], record["bytes"]), ("timeout", 408, 10))
+        self.assertEqual(
+            (record["result"], record["status"], record["bytes"]), ("timeout", 408, 10)
+        )
 
     @inlineCallbacks
     def test_silent_connection_aborted(self):
