@@ -401,9 +401,10 @@ def check_freshness(
 ) -> None:
     """
     Refuse a batch signed more than C{max_age} seconds ago, more than
-    C{clock_skew} seconds in the future, or before C{not_before} (when this
-    process started, so a restart with an empty nonce cache cannot accept a
-    request from before it).  The boundaries themselves are accepted.
+    C{clock_skew} seconds in the future, or before C{not_before} (the first
+    second a request cannot have been accepted by the process before this
+    one, so a restart with an empty nonce cache accepts no replay).  The
+    boundaries themselves are accepted.
 
     @raise StaleRequest: outside the window (never counted towards a ban).
     """
@@ -412,4 +413,4 @@ def check_freshness(
     if batch.timestamp > now + clock_skew:
         raise StaleRequest("timestamp in the future beyond clock_skew")
     if batch.timestamp < not_before:
-        raise StaleRequest("timestamp before the process started")
+        raise StaleRequest("timestamp inside the restart window")

@@ -715,7 +715,7 @@ class CertificateModeTests(ReceiverTestCase):
         refusals = self.refusals()
         self.assertEqual(len(refusals), self.ban_after + 1)
         self.assertEqual(
-            {r["reason"] for r in refusals}, {"timestamp before the process started"}
+            {r["reason"] for r in refusals}, {"timestamp inside the restart window"}
         )
         self.assertFalse(any(r["auth_failure"] for r in refusals))
         self.clock.advance(SKEW)
