@@ -57,6 +57,8 @@ class RequestRefused(ClavitorError):
     status = 500
     word = "error"
     counts_as_auth_failure = False
+    # Whole seconds after which the peer may try again (Retry-After), if known.
+    retry_after: int | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(self.word, detail)
@@ -125,3 +127,7 @@ class RateLimited(RequestRefused):
 class NotReady(RequestRefused):
     status = 503
     word = "unavailable"
+
+    def __init__(self, detail: str, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

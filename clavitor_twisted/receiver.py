@@ -31,6 +31,7 @@ path produced it, Twisted's own 400 for bad framing included.
 
 import hmac
 import json
+import math
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Iterable, Protocol
@@ -54,7 +55,7 @@ from clavitor_twisted.errors import (
     Forbidden,
     Malformed,
     MethodNotAllowed,
-    RateLimited,
+    NotReady,
     RequestRefused,
     TooLarge,
     UnsupportedMediaType,
@@ -103,7 +104,7 @@ class _UnauthorisedCertificate(Forbidden):
 
 
 def _refusal_headers(refusal: RequestRefused) -> tuple[tuple[bytes, bytes], ...]:
-    if isinstance(refusal, RateLimited):
+    if refusal.retry_after is not None:
         return ((b"Retry-After", b"%d" % (refusal.retry_after,)),)
     if isinstance(refusal, MethodNotAllowed):
         return ((b"Allow", b"POST"),)
@@ -725,6 +726,20 @@ class ApplyResource(Resource):
         # signed after started_at + clock_skew cannot have been applied.
         self._not_before = started_at + config.security.clock_skew + 1
 
+    def _refuse_while_starting(self) -> None:
+        """
+        Until the restart window has passed, any fresh request would be
+        refused as stale; say 503 and when to come back instead, so the
+        sender waits just that long.
+        """
+        wait = self._not_before - self._defences.clock.seconds()
+        if wait > 0:
+            raise NotReady(
+                "starting: requests signed before second {} may have been applied"
+                " by the previous process".format(self._not_before),
+                retry_after=math.ceil(wait),
+            )
+
     def render(self, request: _ApiRequest) -> int:
         answered = Deferred.fromCoroutine(self._accept(request, request.attempt))
         answered.addErrback(self._refused, request)
@@ -737,6 +752,7 @@ class ApplyResource(Resource):
         if request.method != b"POST":
             raise MethodNotAllowed("method is not POST")
         self._check_media_type(request)
+        self._refuse_while_starting()
         body = request.content.getvalue()
         proven = self._authentication.authenticate(request, body)
         self._defences.authenticated(attempt)

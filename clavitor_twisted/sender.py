@@ -4,7 +4,7 @@ The primary's sender: drains dirty vault entries to the backup POP.
 
 A L{LoopingCall} (and L{Sender.wake}) starts a drain; a drain sends freshly
 signed batches back to back until no entry is dirty or an attempt fails.  A
-failure waits on the integer ladder L{BACKOFF_SECONDS} (or a 429's
+failure waits on the integer ladder L{BACKOFF_SECONDS} (or a 429's or 503's
 C{Retry-After}) and nothing is ever dropped: entries stay dirty on disk until
 a valid C{200} from the configured backup, and are then marked replicated
 only where their version is still the one that was sent.
@@ -442,9 +442,13 @@ class Sender:
             return None
         if answer.code in CONTENT_REFUSALS:
             return answer.code
-        if answer.code == 429:
+        if answer.code in (429, 503):
+            # Rate limited, or a backup in its restart window: both say
+            # when to come back.
             self._failed(
-                "rate_limited", "HTTP 429", _retry_after(answer.headers)
+                "rate_limited" if answer.code == 429 else "unavailable",
+                "HTTP {}".format(answer.code),
+                _retry_after(answer.headers),
             )
             return None
         if answer.code != 200:

@@ -696,11 +696,12 @@ class CertificateModeTests(ReceiverTestCase):
     @inlineCallbacks
     def test_restart_refuses_what_the_old_process_accepted(self):
         """
-        A request stamped clock_skew ahead, applied by the old process, is
-        refused as stale (never as a failed authentication, so it bans
-        nobody) by a process restarted in the same second; so is one signed
-        in the start second, the start time being rounded down.  From
-        started_at + clock_skew + 1 on, requests apply.
+        A process restarted in the same second (its start rounded down) first
+        answers 503 with Retry-After until its restart window has passed,
+        never counting that as a failed authentication; after it, a request
+        the old process may have applied (stamped clock_skew ahead) is
+        refused as stale, and from started_at + clock_skew + 1 on, requests
+        apply.
         """
         ahead = self.signed_request(self.batch(timestamp=NOW + SKEW), close=True)
         [response] = yield self.pipeline([ahead])
@@ -711,14 +712,16 @@ class CertificateModeTests(ReceiverTestCase):
         replays = [ahead.replace(b"Connection: close\r\n", b"")] * self.ban_after
         responses = yield self.pipeline(replays + [in_start_second])
         for response in responses:
-            self.assertRawRefused(response, 401, "unauthenticated")
+            self.assertRawRefused(response, 503, "unavailable")
+            self.assertEqual(response[1][b"retry-after"], [b"%d" % (SKEW + 1)])
         refusals = self.refusals()
         self.assertEqual(len(refusals), self.ban_after + 1)
-        self.assertEqual(
-            {r["reason"] for r in refusals}, {"timestamp inside the restart window"}
-        )
+        self.assertTrue(all(r["reason"].startswith("starting:") for r in refusals))
         self.assertFalse(any(r["auth_failure"] for r in refusals))
-        self.clock.advance(SKEW)
+        self.clock.advance(SKEW + 0.1)
+        [response] = yield self.pipeline([ahead])
+        self.assertRawRefused(response, 401, "unauthenticated")
+        self.assertEqual(self.refusals()[-1]["reason"], "timestamp inside the restart window")
         last_refused = self.batch(seq=9, timestamp=NOW + SKEW)
         self.assertRefused((yield self.send(last_refused)), 401, "unauthenticated")
         first_fresh = self.batch(seq=9, timestamp=NOW + SKEW + 1)

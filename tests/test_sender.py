@@ -311,7 +311,7 @@ class SenderTests(_SenderCase):
         entries stay dirty and retries go on; a later success sends them.
         """
         self.store.write(VAULT, "e1")
-        answers = [answering(503)] * 7 + [accepted]
+        answers = [answering(502)] * 7 + [accepted]
         sender = self.make(lambda batch: answers.pop(0)(batch), make_config(max_retries=3))
         sender.start()
         self.assertEqual(self.levels(), [LogLevel.warn])
@@ -341,6 +341,18 @@ class SenderTests(_SenderCase):
         for _, delay in cases:
             self.assertWaits(delay)
         self.assertEqual(self.store.dirty, {(VAULT, "e1")})
+
+    def test_unavailable_retry_after(self):
+        """
+        A 503 with Retry-After (a backup in its restart window) waits that
+        long; without one, the ladder.
+        """
+        answers = [answering(503, retry_after=b"31"), answering(503), accepted]
+        self.store.write(VAULT, "e1")
+        self.make(lambda batch: answers.pop(0)(batch)).start()
+        self.assertWaits(31)
+        self.assertWaits(5)
+        self.assertEqual(self.store.dirty, set())
 
     def test_two_retry_after_headers(self):
         self.store.write(VAULT, "e1")
@@ -701,7 +713,7 @@ class HeldVaultTests(_SenderCase):
 
     def test_global_ladder_not_advanced(self):
         """
-        Content refusals leave the global ladder alone: the first 503 after
+        Content refusals leave the global ladder alone: the first 502 after
         two of them is failure 1 and waits 1 s.
         """
         self.store.write(VAULT, "a1")
@@ -709,7 +721,7 @@ class HeldVaultTests(_SenderCase):
         sender.start()
         self.assertWaits(1)
         self.assertEqual(len(self.held_back()), 2)
-        self.backup.answer = answering(503)
+        self.backup.answer = answering(502)
         self.store.write(OTHER_VAULT, "b1")
         sender.wake()
         self.assertEqual(self.backup.vaults()[-1], {OTHER_VAULT})
@@ -782,7 +794,7 @@ class HeldVaultTests(_SenderCase):
         self.assertEqual(self.backup.vaults(), [{VAULT, OTHER_VAULT}] * 7)
         self.assertEqual(
             [event.get("reason") for event in self.events[:-1]],
-            ["refused", "refused", "refused", "connection", "wrong_backup", "rate_limited"],
+            ["refused", "refused", "unavailable", "connection", "wrong_backup", "rate_limited"],
         )
         self.assertEqual(self.held_back(), [])
         self.assertEqual(self.store.dirty, set())
