@@ -402,6 +402,17 @@ class _ApiChannel(http.HTTPChannel):
     _deadline = None
     _receiving: "_ApiRequest | None" = None
 
+    def lineReceived(self, line: bytes) -> None:
+        """
+        A line starting with a space or tab (obsolete header folding) is
+        refused, as RFC 9112 allows: a folded Content-Length or
+        Transfer-Encoding reads differently to different parsers.
+        """
+        if line[:1] in (b" ", b"\t"):
+            self._respondToBadRequestAndDisconnect()
+            return
+        super().lineReceived(line)
+
     def connectionMade(self) -> None:
         """
         Count the connection against its peer address; one over the limit
@@ -574,10 +585,14 @@ class _ApiRequest(server.Request):
 
     def _check_framing(self, length: int | None) -> None:
         """
-        What twisted.web lets through but we do not: a Transfer-Encoding
-        other than one C{chunked} (it ignores C{identity}), and a declared
-        body above the cap.
+        What twisted.web lets through but we do not: a Host header missing
+        or repeated (RFC 9112), a Transfer-Encoding other than one
+        C{chunked} (it ignores C{identity}), and a declared body above the
+        cap.
         """
+        hosts = self.requestHeaders.getRawHeaders(b"Host")
+        if hosts is None or len(hosts) != 1:
+            raise Malformed("Host header missing or repeated")
         encodings = self.requestHeaders.getRawHeaders(b"Transfer-Encoding")
         if encodings is not None and [e.lower() for e in encodings] != [b"chunked"]:
             raise Malformed("Transfer-Encoding other than chunked")

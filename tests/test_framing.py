@@ -252,6 +252,34 @@ class FramingTests(ReceiverTestCase):
             yield from self.framing_refused(http_request(body, headers, length=False))
 
     @inlineCallbacks
+    def test_folded_headers(self):
+        """
+        Obsolete line folding is refused wherever it appears: a folded
+        Content-Length or Transfer-Encoding could be read two ways.
+        """
+        body = protocol.serialise(self.batch())
+        signed = self.headers_of(body)
+        for folded in (
+            b"Content-Length:\r\n %d" % (len(body),),
+            b"Transfer-Encoding:\r\n\tchunked",
+            b"X-Other: a\r\n b",
+        ):
+            request = http_request(body, signed, length=False)
+            head, rest = request.split(b"\r\n\r\n", 1)
+            if not folded.startswith(b"Content-Length"):
+                head += b"\r\nContent-Length: %d" % (len(body),)
+            yield from self.framing_refused(head + b"\r\n" + folded + b"\r\n\r\n" + rest)
+
+    @inlineCallbacks
+    def test_host_missing_or_repeated(self):
+        body = protocol.serialise(self.batch())
+        request = http_request(body, self.headers_of(body))
+        yield from self.framing_refused(request.replace(b"Host: 127.0.0.1\r\n", b""))
+        yield from self.framing_refused(
+            request.replace(b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\nHost: a\r\n")
+        )
+
+    @inlineCallbacks
     def test_ambiguous_transfer_encoding(self):
         """
         Content-Length together with chunked (either order), a coding other
