@@ -37,6 +37,7 @@ from io import BytesIO
 from typing import Any, Iterable, Protocol
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.logger import Logger
@@ -397,6 +398,8 @@ class _ApiChannel(http.HTTPChannel):
     """
 
     _closing = False
+    _any_request = False
+    _connected_at = 0.0
     _abort = None
     _counted: str | None = None
     _deadline = None
@@ -419,6 +422,7 @@ class _ApiChannel(http.HTTPChannel):
         is dropped at once, before a byte of it is read.
         """
         super().connectionMade()
+        self._connected_at = self.site.defences.clock.seconds()
         peer = self.transport.getPeer()
         address = getattr(peer, "host", str(peer))
         if self.site.defences.connections.acquire(address):
@@ -439,6 +443,7 @@ class _ApiChannel(http.HTTPChannel):
             super().dataReceived(data)
 
     def request_started(self, request: "_ApiRequest") -> None:
+        self._any_request = True
         self._receiving = request
         self._start_deadline()
 
@@ -515,6 +520,30 @@ class _ApiChannel(http.HTTPChannel):
             refusal.counts_as_auth_failure,
         )
 
+    def _audit_refused_handshake(self, reason: Failure) -> None:
+        """
+        A peer refused at the TLS handshake (no client certificate, another
+        CA, an expired one) made an attempt too: audit it as a failed
+        authentication (critical, for alerts).  It proves no identity, so it
+        is charged to no ban: that would let a stranger behind a partner's
+        address get the partner banned.
+        """
+        peer = self.transport.getPeer()
+        attempt = _Attempt(
+            peer=getattr(peer, "host", str(peer)),
+            started=self._connected_at,
+            names=frozenset(),
+            fingerprint=None,
+            certified=False,
+        )
+        self.site.defences.record(
+            attempt,
+            status=0,
+            result="tls_refused",
+            reason="TLS handshake refused: " + reason.getErrorMessage(),
+            auth_failure=True,
+        )
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's single hook for every framing error it detects (request
         # line, headers, Content-Length, Transfer-Encoding, chunks): the
@@ -524,6 +553,8 @@ class _ApiChannel(http.HTTPChannel):
         )
 
     def connectionLost(self, reason: Failure) -> None:
+        if reason.check(SSL.Error) and not self._any_request:
+            self._audit_refused_handshake(reason)
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self._cancel_deadline()

@@ -880,7 +880,8 @@ class CertificateModeTests(ReceiverTestCase):
         """
         A client certificate with the primary's subject and names from
         another CA (of the same name) is refused at the handshake: no answer
-        at all, and nothing applied.
+        at all, nothing applied, one audit record of a failed
+        authentication, and no ban charged to the address.
         """
         other_dir = os.path.abspath(self.mktemp())
         os.makedirs(other_dir)
@@ -901,7 +902,14 @@ class CertificateModeTests(ReceiverTestCase):
         self.assertTrue(reason.check(SSL.Error))
         self.assertIn("unknown ca", str(reason.value))
         self.assertNothingApplied()
-        self.assertEqual(self.refusals(), [])
+        yield self.factory.whenAllLost()
+        [record] = self.refusals()
+        self.assertEqual(
+            (record["result"], record["status"], record["auth_failure"], record["peer"]),
+            ("tls_refused", 0, True, "127.0.0.1"),
+        )
+        self.assertIn("certificate verify failed", record["reason"])
+        self.assertEqual(len(self.site.defences.bans), 0)
 
     @inlineCallbacks
     def test_disconnect_before_answer(self):
