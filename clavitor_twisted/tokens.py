@@ -61,7 +61,8 @@ def validate_token(token: bytes) -> None:
     if distinct < MIN_DISTINCT_BYTES:
         raise TokenError("token: fewer than 8 distinct bytes")
     for period in range(1, len(token) // 2 + 1):
-        if token[period:] == token[:-period]:
+        # Constant time, like every comparison touching a secret.
+        if hmac.compare_digest(token[period:], token[:-period]):
             raise TokenError("token: a short pattern repeated")
 
 
