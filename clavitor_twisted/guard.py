@@ -339,7 +339,9 @@ class BodyBudget:
         @raise NotReady: C{size} more bytes would exceed the budget.
         """
         if self.in_use + size > self.limit:
-            raise NotReady("body budget of all requests exhausted")
+            # Every held body ends within the request deadline; a second is
+            # a fair first guess, and keeps the sender off its long ladder.
+            raise NotReady("body budget of all requests exhausted", retry_after=1)
         self.in_use += size
 
     def release(self, size: int) -> None:

@@ -303,6 +303,13 @@ class Authentication(Protocol):
         fingerprint of the credential (never the credential itself).
         """
 
+    def check_credential(self, request: IRequest) -> None:
+        """
+        What the headers alone can prove, before any body is read or held.
+
+        @raise AuthenticationFailed: the credential is wrong.
+        """
+
     def authenticate(self, request: IRequest, body: bytes) -> frozenset[str] | None:
         """
         Verify the credential and the signature over the raw C{body}.
@@ -330,6 +337,11 @@ class CertificateAuthentication:
             tls.dns_names(certificate),
             fingerprint(certificate.public_bytes(Encoding.DER)),
         )
+
+    def check_credential(self, request: IRequest) -> None:
+        """
+        Nothing more to check: the handshake verified the certificate.
+        """
 
     def authenticate(self, request: IRequest, body: bytes) -> frozenset[str]:
         certificate = tls.peer_certificate(request.channel.transport)
@@ -360,17 +372,26 @@ class TokenAuthentication:
     def identify(self, transport: ITransport) -> tuple[frozenset[str], str | None]:
         return frozenset(), None
 
-    def authenticate(self, request: IRequest, body: bytes) -> None:
+    def check_credential(self, request: IRequest) -> None:
+        """
+        The bearer token, checked at the headers: without it, nobody gets a
+        body read, let alone held in memory.
+        """
         presented = self._bearer_token(request)
-        tokens = self._token_source.tokens()
         # Compare with every token, not stopping at a match.
-        matches = [hmac.compare_digest(presented, token) for token in tokens.all()]
+        matches = [
+            hmac.compare_digest(presented, token)
+            for token in self._token_source.tokens().all()
+        ]
         if not any(matches):
             raise AuthenticationFailed("bearer token matches no token")
+
+    def authenticate(self, request: IRequest, body: bytes) -> None:
+        self.check_credential(request)
         protocol.verify_hmac_signature(
             _single_header(request, protocol.SIGNATURE_HEADER, AuthenticationFailed),
             body,
-            tokens,
+            self._token_source.tokens(),
         )
         return None
 
@@ -596,6 +617,7 @@ class _ApiRequest(server.Request):
         self._cut_off = False
         self._gone = False
         self._chunked = False
+        self._discard = False
         self._reserved = 0
         finished = self.notifyFinish()
         finished.addErrback(self._went_away)
@@ -608,7 +630,8 @@ class _ApiRequest(server.Request):
         try:
             self._check_framing(length)
             self._defences.admit(self.attempt)
-            if length is not None:
+            self._discard = not self._credential_holds()
+            if length is not None and not self._discard:
                 self._defences.bodies.reserve(length)
                 self._reserved = length
         except RequestRefused as refusal:
@@ -630,6 +653,19 @@ class _ApiRequest(server.Request):
         if length is not None and length > self._defences.max_request_bytes:
             raise TooLarge("declared Content-Length %d above max_request_bytes" % (length,))
 
+    def _credential_holds(self) -> bool:
+        """
+        Whether the credential the headers carry is right (a bearer token).
+        A request without one is still answered in turn (its 401 comes
+        from the resource, counted like any failed authentication), but its
+        body is neither held nor given room in the budget.
+        """
+        try:
+            self.channel.site.authentication.check_credential(self)
+        except AuthenticationFailed:
+            return False
+        return True
+
     def handleContentChunk(self, data: bytes) -> None:
         if self._cut_off:
             return
@@ -637,6 +673,8 @@ class _ApiRequest(server.Request):
         try:
             if self.attempt.bytes > self._defences.max_request_bytes:
                 raise TooLarge("chunked body passed max_request_bytes")
+            if self._discard:
+                return
             if self._chunked:
                 self._defences.bodies.reserve(len(data))
                 self._reserved += len(data)

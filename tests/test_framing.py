@@ -469,6 +469,8 @@ class FramingTests(ReceiverTestCase):
         small = self.signed_request(self.batch(), close=True)
         client = yield self.raw(small, alone=False)
         self.assertClosedAfter(client, 503, "unavailable")
+        [retry_after] = parse_responses(client.received)[0][1][b"retry-after"]
+        self.assertEqual(retry_after, b"1")
         self.assertEqual(self.records()[-1]["bytes"], 0)
         chunked_request = http_request(
             chunked(body[:100]),
@@ -569,3 +571,28 @@ class FramingTests(ReceiverTestCase):
         self.clock.advance(self.config.replication.request_timeout)
         yield holder.lost
         self.assertEqual(self.records(), [])
+
+
+class BearerBudgetTests(FramingTests):
+    """
+    In bearer mode the token is checked at the headers: a request without
+    the right one takes no room in the body budget and holds no body, so
+    strangers cannot starve the primary.
+    """
+
+    method = "bearer"
+
+    @inlineCallbacks
+    def test_wrong_token_takes_no_budget(self):
+        budget = self.site.defences.bodies
+        body, headers = self.padded(MAX_REQUEST_BYTES)
+        headers = [
+            (name, b"Bearer " + b"x" * 64 if name == b"Authorization" else value)
+            for name, value in headers
+        ]
+        head = http_request(body, headers)[: -len(body)]
+        yield self.hold(BODY_BUDGET_REQUESTS + 1, head + body[: len(body) // 2])
+        self.assertEqual(budget.in_use, 0)
+        client = yield self.raw(self.signed_request(self.batch(), close=True), alone=False)
+        [response] = parse_responses(client.received)
+        self.assertEqual(response[0], 200, response[2])
