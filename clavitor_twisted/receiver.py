@@ -457,6 +457,13 @@ class _ApiChannel(http.HTTPChannel):
         )
         self._closing = True
         self.transport.abortConnection()
+        self.site.defences.record(
+            self._bare_attempt(),
+            status=0,
+            result="too_many_connections",
+            reason="%d connections already open from this address"
+            % (MAX_CONNECTIONS_PER_ADDRESS,),
+        )
 
     def dataReceived(self, data: bytes) -> None:
         if not self._closing:
@@ -549,20 +556,37 @@ class _ApiChannel(http.HTTPChannel):
         is charged to no ban: that would let a stranger behind a partner's
         address get the partner banned.
         """
+        self.site.defences.record(
+            self._bare_attempt(),
+            status=0,
+            result="tls_refused",
+            reason="TLS handshake refused: " + reason.getErrorMessage(),
+            auth_failure=True,
+        )
+
+    def _bare_attempt(self) -> _Attempt:
+        """
+        The audit's view of this connection when no request of it is being
+        read: its peer address and when it came, nothing proven.
+        """
         peer = self.transport.getPeer()
-        attempt = _Attempt(
+        return _Attempt(
             peer=getattr(peer, "host", str(peer)),
             started=self._connected_at,
             names=frozenset(),
             fingerprint=None,
             certified=False,
         )
-        self.site.defences.record(
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A request or header line over C{MAX_LENGTH}: a JSON 400 like any
+        framing refusal, where Twisted would close without a word.
+        """
+        attempt = self.requests[-1].attempt if self.requests else self._bare_attempt()
+        self.refuse_and_close(
+            Malformed("request or header line longer than %d bytes" % (self.MAX_LENGTH,)),
             attempt,
-            status=0,
-            result="tls_refused",
-            reason="TLS handshake refused: " + reason.getErrorMessage(),
-            auth_failure=True,
         )
 
     def _respondToBadRequestAndDisconnect(self) -> None:

@@ -333,7 +333,8 @@ class FramingTests(ReceiverTestCase):
     def test_malformed_head(self):
         """
         A bad request line, a header without a colon, with a space before
-        the colon, with a NUL, a folded Content-Length.
+        the colon, with a NUL, a folded Content-Length, a header line over
+        Twisted's MAX_LENGTH (which it would drop without an answer).
         """
         body = protocol.serialise(self.batch())
         good = http_request(body, self.headers_of(body))
@@ -344,6 +345,7 @@ class FramingTests(ReceiverTestCase):
             good.replace(n, b"Content-Length : %d\r\n" % (len(body),), 1),
             good.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\x00", 1),
             good.replace(n, b"Content-Length: %d\r\n 0\r\n" % (len(body),), 1),
+            good.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nX-Long: " + b"a" * 17000, 1),
         ):
             self.assertNotEqual(request, good)
             yield from self.framing_refused(request)
@@ -496,6 +498,11 @@ class FramingTests(ReceiverTestCase):
         yield self.hold(MAX_CONNECTIONS_PER_ADDRESS)
         dropped = yield self.raw(self.signed_request(self.batch()), alone=False)
         self.assertEqual(dropped.received, b"")
+        [record] = self.records()
+        self.assertEqual(
+            (record["result"], record["status"], record["peer"]),
+            ("too_many_connections", 0, "127.0.0.1"),
+        )
         client = yield self.raw(
             self.signed_request(self.batch(), close=True), source="127.0.0.2", alone=False
         )
