@@ -937,7 +937,8 @@ class _Routes(Resource):
         self._routes = routes
 
     def render(self, request: _ApiRequest) -> Any:
-        resource = self._routes.get(request.path)
+        # The whole target, query included: nothing else is an endpoint.
+        resource = self._routes.get(request.uri)
         if resource is None:
             request.conclude(
                 404, {"error": "not_found"}, result="not_found", reason="unknown path"

@@ -871,7 +871,12 @@ class CertificateModeTests(ReceiverTestCase):
 
     @inlineCallbacks
     def test_unknown_path(self):
-        for path in (b"/", b"/api/replication/apply/", b"/api/replication/applyx"):
+        for path in (
+            b"/",
+            b"/api/replication/apply/",
+            b"/api/replication/applyx",
+            b"/api/replication/apply?x=1",
+        ):
             result = yield self.post(None, {}, method=b"GET", path=path)
             self.assertRefused(result, 404, "not_found")
 
