@@ -287,10 +287,16 @@ class DaemonService(MultiService):
     text and exits 1 (a SystemExit would leave it waiting for ever).
     """
 
-    def __init__(self, error: ClavitorError | None = None, daemonizes: bool = False) -> None:
+    def __init__(
+        self,
+        error: ClavitorError | None = None,
+        daemonizes: bool = False,
+        stderr: TextIO | None = None,
+    ) -> None:
         super().__init__()
         self.error = error
         self.daemonizes = daemonizes
+        self.stderr = stderr
 
     def privilegedStartService(self) -> None:
         if self.error is not None:
@@ -309,7 +315,11 @@ class DaemonService(MultiService):
                 port=e.port,
                 reason=str(e.socketError),
             )
-            self._end_start("cannot listen on listen.address, listen.port")
+            public = "cannot listen on listen.address, listen.port"
+            if self.stderr is not None and not self.daemonizes:
+                self.stderr.write("clavitor-repl: " + public + "\n")
+                self.stderr.flush()
+            self._end_start(public)
 
     def _end_start(self, public: str) -> None:
         if self.daemonizes:
@@ -331,6 +341,6 @@ def service_from_file(
         stderr.write("clavitor-repl: " + error.public + "\n")
         stderr.flush()
         return DaemonService(error, daemonizes)
-    daemon = DaemonService(daemonizes=daemonizes)
+    daemon = DaemonService(daemonizes=daemonizes, stderr=stderr)
     replication.setServiceParent(daemon)
     return daemon

@@ -236,11 +236,15 @@ class ListenFailureTests(TestCase):
         self.addCleanup(taken.stopListening)
         pop = Pop(self)
         config = as_config(pop.backup(), port=taken.getHost().port)
-        daemon = service.DaemonService()
+        stderr = io.StringIO()
+        daemon = service.DaemonService(stderr=stderr)
         service.make_service(config, reactor, environ={}).setServiceParent(daemon)
         with capturedLogs() as events:
             exit = self.assertRaises(SystemExit, daemon.privilegedStartService)
         self.assertEqual(exit.code, 1)
+        self.assertEqual(
+            stderr.getvalue(), "clavitor-repl: cannot listen on listen.address, listen.port\n"
+        )
         [event] = [e for e in events if e["log_level"] == LogLevel.critical]
         self.assertEqual(event["port"], taken.getHost().port)
 
