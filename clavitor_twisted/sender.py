@@ -199,6 +199,7 @@ class Sender:
         self._loop = LoopingCall(self.wake)
         self._loop.clock = clock
         self._seq = 0
+        self._epoch = 1
         self._draining = False
         self._again = False
         self._waiters: list[Deferred[None]] = []
@@ -274,6 +275,13 @@ class Sender:
 
     @inlineCallbacks
     def _drain(self):
+        # Once per drain, not per batch: it reads every vault's meta, and the
+        # epoch does not change while a drain runs.
+        try:
+            self._epoch = yield self._store.primary_epoch()
+        except Exception:
+            self._failed("store", Failure())
+            return
         while not self._stopped:
             self._again = False
             try:
@@ -407,11 +415,7 @@ class Sender:
         success, with the status of a content refusal (nothing scheduled),
         or with None on any other failure, whose wait is already scheduled.
         """
-        try:
-            epoch = yield self._store.primary_epoch()
-        except Exception:
-            self._failed("store", Failure())
-            return None
+        epoch = self._epoch
         self._seq += 1
         batch = protocol.new_batch(
             self._pop_id,

@@ -117,7 +117,10 @@ class MemoryStore:
                 cleared += 1
         return succeed(cleared)
 
+    epoch_reads = 0
+
     def primary_epoch(self):
+        self.epoch_reads += 1
         return succeed(self.epoch)
 
 
@@ -372,6 +375,8 @@ class SenderTests(_SenderCase):
         self.assertEqual(self.store.dirty, set())
         sent = [entry.entry_id for batch in batches for entry in batch.entries]
         self.assertEqual(len(set(sent)), 1000)
+        # The epoch (a read of every vault) is read once per drain.
+        self.assertEqual(self.store.epoch_reads, 1)
 
     def test_batch_contents(self):
         """
