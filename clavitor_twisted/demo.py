@@ -287,6 +287,9 @@ class DaemonProcess:
             except FileNotFoundError:
                 continue
             lines.extend(text.splitlines()[-LOG_TAIL:])
+        if not lines:
+            # Stopped before it wrote a line (a run that failed early).
+            lines = ["(no output)"]
         return "\n".join("  {}| {}".format(self.name, line) for line in lines)
 
 

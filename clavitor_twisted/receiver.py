@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
@@ -406,6 +406,44 @@ class TokenAuthentication:
         return token
 
 
+class _StrictChunkedDecoder(http._ChunkedTransferDecoder):
+    """
+    twisted.web's chunked decoder, refusing at once what it would wait on
+    until the request deadline: a chunk-size or trailer line ending in a
+    bare LF (it waits for a CRLF that never comes), and a chunk declared
+    larger than the body may still grow (it waits for the bytes).
+
+    C{announced} is told each chunk's declared size before its data.
+    """
+
+    def __init__(
+        self,
+        data_received: Callable[[bytes], None],
+        finished: Callable[[bytes], None],
+        announced: Callable[[int], None],
+    ) -> None:
+        super().__init__(data_received, finished)
+        self._announced = announced
+
+    def _refuse_bare_lf(self) -> None:
+        # Every LF before _start was seen by an earlier call; the first LF
+        # after it ends the line being read.
+        end = self._buffer.find(b"\n", self._start)
+        if end != -1 and self._buffer[end - 1 : end] != b"\r":
+            raise http._MalformedChunkedDataError("chunk line ends in a bare LF")
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        self._refuse_bare_lf()
+        if not super()._dataReceived_CHUNK_LENGTH():
+            return False
+        self._announced(self.length)
+        return True
+
+    def _dataReceived_TRAILER(self) -> bool:
+        self._refuse_bare_lf()
+        return super()._dataReceived_TRAILER()
+
+
 class _ApiChannel(http.HTTPChannel):
     """
     HTTP/1.1 (no HTTP/2) whose refusals of bad framing are JSON answers
@@ -424,18 +462,33 @@ class _ApiChannel(http.HTTPChannel):
     _abort = None
     _counted: str | None = None
     _deadline = None
+    _heard = False
     _receiving: "_ApiRequest | None" = None
 
     def lineReceived(self, line: bytes) -> None:
         """
         A line starting with a space or tab (obsolete header folding) is
         refused, as RFC 9112 allows: a folded Content-Length or
-        Transfer-Encoding reads differently to different parsers.
+        Transfer-Encoding reads differently to different parsers.  So is a
+        line holding a CR or LF: a bare LF ends a line for some parsers
+        (it would smuggle a header past twisted.web, which splits on CRLF
+        only).
         """
-        if line[:1] in (b" ", b"\t"):
+        if line[:1] in (b" ", b"\t") or b"\n" in line or b"\r" in line:
             self._respondToBadRequestAndDisconnect()
             return
         super().lineReceived(line)
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        proceed = super()._maybeChooseTransferDecoder(header, data)
+        decoder = self._transferDecoder
+        if proceed and type(decoder) is http._ChunkedTransferDecoder:
+            self._transferDecoder = _StrictChunkedDecoder(
+                decoder.dataCallback,
+                decoder.finishCallback,
+                self.requests[-1].chunk_announced,
+            )
+        return proceed
 
     def connectionMade(self) -> None:
         """
@@ -466,9 +519,24 @@ class _ApiChannel(http.HTTPChannel):
         )
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._closing:
-            self._start_deadline()
-            super().dataReceived(data)
+        """
+        Besides the deadline: what is left unparsed of a request's head
+        after all complete lines were taken is part of one line, so an LF
+        in it is a bare LF (a peer ending lines that way would otherwise
+        wait out the deadline, or fill MAX_LENGTH, for a CRLF).
+        """
+        if self._closing:
+            return
+        self._heard = True
+        self._start_deadline()
+        super().dataReceived(data)
+        if (
+            self.line_mode
+            and not self._busyReceiving
+            and not self.paused
+            and b"\n" in self._buffer
+        ):
+            self._respondToBadRequestAndDisconnect()
 
     def request_started(self, request: "_ApiRequest") -> None:
         self._any_request = True
@@ -481,6 +549,7 @@ class _ApiChannel(http.HTTPChannel):
         next one starts.
         """
         self._receiving = None
+        self._heard = False
         self._cancel_deadline()
 
     def _start_deadline(self) -> None:
@@ -504,8 +573,15 @@ class _ApiChannel(http.HTTPChannel):
             timeout=self.site.defences.request_timeout,
         )
         if self._receiving is not None:
+            attempt = self._receiving.attempt
+        elif self._heard:
+            # Not even a request line yet.
+            attempt = self._bare_attempt()
+        else:
+            attempt = None
+        if attempt is not None:
             self.site.defences.record(
-                self._receiving.attempt,
+                attempt,
                 http.REQUEST_TIMEOUT,
                 "timeout",
                 "request not complete within request_timeout",
@@ -583,19 +659,27 @@ class _ApiChannel(http.HTTPChannel):
         A request or header line over C{MAX_LENGTH}: a JSON 400 like any
         framing refusal, where Twisted would close without a word.
         """
-        attempt = self.requests[-1].attempt if self.requests else self._bare_attempt()
         self.refuse_and_close(
             Malformed("request or header line longer than %d bytes" % (self.MAX_LENGTH,)),
-            attempt,
+            self._parsed_attempt(),
         )
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's single hook for every framing error it detects (request
-        # line, headers, Content-Length, Transfer-Encoding, chunks): the
-        # request being parsed is the last one.
+        # line, headers, Content-Length, Transfer-Encoding, chunks), and
+        # ours for the line endings it does not.
         self.refuse_and_close(
-            Malformed("HTTP framing refused by twisted.web"), self.requests[-1].attempt
+            Malformed("HTTP framing refused: bad request line, header or chunk"),
+            self._parsed_attempt(),
         )
+
+    def _parsed_attempt(self) -> _Attempt:
+        """
+        The attempt whose head or body is being parsed: the last request,
+        or the bare connection before a request line is complete.  (Lines
+        are parsed only once the requests before are answered.)
+        """
+        return self.requests[-1].attempt if self.requests else self._bare_attempt()
 
     def connectionLost(self, reason: Failure) -> None:
         if reason.check(SSL.Error) and not self._any_request:
@@ -695,6 +779,8 @@ class _ApiRequest(server.Request):
             return
         self.attempt.bytes += len(data)
         try:
+            # Chunks are refused at their size line already (chunk_announced);
+            # this holds the cap whatever decoder delivers the body.
             if self.attempt.bytes > self._defences.max_request_bytes:
                 raise TooLarge("chunked body passed max_request_bytes")
             if self._discard:
@@ -706,6 +792,14 @@ class _ApiRequest(server.Request):
             self._cut(refusal)
         else:
             self.content.write(data)
+
+    def chunk_announced(self, size: int) -> None:
+        """
+        A chunk of C{size} bytes is declared: one that would take the body
+        past the cap is refused now, not once the bytes have come.
+        """
+        if not self._cut_off and self.attempt.bytes + size > self._defences.max_request_bytes:
+            self._cut(TooLarge("chunk of %d bytes declared past max_request_bytes" % (size,)))
 
     def _release_body(self) -> None:
         self._defences.bodies.release(self._reserved)

@@ -171,9 +171,10 @@ class FramingTests(ReceiverTestCase):
     @inlineCallbacks
     def test_chunked_over_cap_cut_off(self):
         """
-        A chunked body is cut off as soon as it passes the cap: 413 and the
-        connection closed, though the body never ends.  Whatever follows,
-        here more chunks and a valid pipelined request, is never read.
+        A chunked body is cut off at the size line of the chunk that would
+        take it past the cap: 413 and the connection closed, though the body
+        never ends.  Whatever follows, here more chunks and a valid
+        pipelined request, is never read.
         """
         body, headers = self.padded(MAX_REQUEST_BYTES + 1)
         framed = chunked(body[:100], body[100:])
@@ -184,7 +185,7 @@ class FramingTests(ReceiverTestCase):
         client = yield self.raw(head + unfinished)
         self.assertClosedAfter(client, 413, "too_large")
         self.assertNothingApplied()
-        self.assertOnlyRecord("too_large", 413, MAX_REQUEST_BYTES + 1)
+        self.assertOnlyRecord("too_large", 413, 100)
 
         next_request = self.signed_request(self.batch())
         client = yield self.raw(
@@ -328,6 +329,94 @@ class FramingTests(ReceiverTestCase):
                 length=False,
             )
             yield from self.framing_refused(request)
+
+    @inlineCallbacks
+    def test_chunk_declared_past_the_cap(self):
+        """
+        A chunk whose declared size would take the body past the cap gets
+        413 at its size line, before any of its bytes come: a first chunk
+        (one byte over, or 24 hex digits), or a later one.  The client
+        never sends the data, so a server waiting for it would leave the
+        test hanging.
+        """
+        body, headers = self.padded(MAX_REQUEST_BYTES)
+        head = http_request(
+            None, headers + [(b"Transfer-Encoding", b"chunked")], length=False
+        )
+        for framed, received in (
+            (b"%x\r\n" % (MAX_REQUEST_BYTES + 1,), 0),
+            (b"f" * 24 + b"\r\n", 0),
+            (b"%x;ext=1\r\n" % (MAX_REQUEST_BYTES + 1,), 0),
+            (b"64\r\n" + body[:100] + b"\r\n%x\r\n" % (MAX_REQUEST_BYTES - 99,), 100),
+        ):
+            before = len(self.records())
+            client = yield self.raw(head + framed)
+            self.assertClosedAfter(client, 413, "too_large")
+            self.assertNothingApplied()
+            [record] = self.records()[before:]
+            self.assertEqual((record["result"], record["bytes"]), ("too_large", received))
+            self.assertIn("chunk of", record["reason"])
+
+        # A last chunk that ends exactly at the cap is still accepted.
+        request = http_request(
+            b"64\r\n" + body[:100] + b"\r\n%x\r\n" % (MAX_REQUEST_BYTES - 100,)
+            + body[100:] + b"\r\n0\r\n\r\n",
+            headers + [(b"Transfer-Encoding", b"chunked")],
+            length=False,
+            close=True,
+        )
+        [response] = yield self.pipeline([request])
+        self.assertEqual(response[0], 200, response[2])
+
+    @inlineCallbacks
+    def test_chunk_lines_ending_in_bare_lf(self):
+        """
+        A chunk-size line or a trailer line that ends in a bare LF is
+        refused as soon as the LF is in, whether or not a CRLF follows: the
+        client sends nothing more, so a server waiting for a CRLF would
+        leave the test hanging.
+        """
+        body = protocol.serialise(self.batch())
+        size = b"%x" % (len(body),)
+        for framed in (
+            size + b"\n",
+            size + b"\n" + body + b"\r\n0\r\n\r\n",
+            size + b";a=b\n",
+            size + b"\r\n" + body + b"\r\n0\n",
+            size + b"\r\n" + body + b"\r\n0\r\nX-Trailer: a\n",
+            size + b"\r\n" + body + b"\r\n0\r\n\n",
+        ):
+            request = http_request(
+                framed,
+                self.headers_of(body) + [(b"Transfer-Encoding", b"chunked")],
+                length=False,
+            )
+            yield from self.framing_refused(request)
+
+    @inlineCallbacks
+    def test_head_lines_ending_in_bare_lf(self):
+        """
+        A request line or header ending in a bare LF is refused as soon as
+        the LF is in: a request written with LF line endings throughout
+        (never a CRLF, so a server waiting for one would leave the test
+        hanging), and a bare LF within a CRLF line, which would smuggle a
+        header to parsers that end lines at LF.  Each is audited, with the
+        peer address even before a request line is complete.
+        """
+        body = protocol.serialise(self.batch())
+        good = http_request(body, self.headers_of(body))
+        head, rest = good.split(b"\r\n\r\n", 1)
+        n = b"Content-Length: %d" % (len(body),)
+        for request in (
+            head.replace(b"\r\n", b"\n") + b"\n\n" + rest,
+            good.replace(b" HTTP/1.1\r\n", b" HTTP/1.1\n", 1),
+            good.replace(n, b"X-Other: a\nContent-Length: 0\r\n" + n, 1),
+            good.replace(n, b"X-Other: a\rContent-Length: 0\r\n" + n, 1),
+            good.replace(b"\r\n\r\n", b"\r\n\n", 1),
+        ):
+            self.assertNotEqual(request, good)
+            yield from self.framing_refused(request)
+            self.assertEqual(self.records()[-1]["peer"], "127.0.0.1")
 
     @inlineCallbacks
     def test_malformed_head(self):
@@ -578,6 +667,20 @@ class FramingTests(ReceiverTestCase):
         self.clock.advance(self.config.replication.request_timeout)
         yield holder.lost
         self.assertEqual(self.records(), [])
+
+    @inlineCallbacks
+    def test_unfinished_request_line_audited(self):
+        """
+        A connection that sends part of a request line and stops is aborted
+        after request_timeout and audited as a timeout, though no request
+        was ever parsed.
+        """
+        [holder] = yield self.hold(1, b"POST /api/repl")
+        channel = self.channel()
+        yield until(lambda: channel._heard)
+        self.clock.advance(self.config.replication.request_timeout)
+        yield holder.lost
+        self.assertOnlyRecord("timeout", 408, 0)
 
 
 class BearerBudgetTests(FramingTests):
