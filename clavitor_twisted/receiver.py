@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -287,6 +288,14 @@ def _single_header(
     return values[0]
 
 
+SignatureCheck = Callable[[bytes], "frozenset[str] | None"]
+"""
+Verifies the signature over a raw body: the POP ids the credential proves,
+or None when it names no POP (a shared token); raises
+L{AuthenticationFailed} otherwise.
+"""
+
+
 class Authentication(Protocol):
     """
     How a request proves who sent it.
@@ -310,13 +319,13 @@ class Authentication(Protocol):
         @raise AuthenticationFailed: the credential is wrong.
         """
 
-    def authenticate(self, request: IRequest, body: bytes) -> frozenset[str] | None:
+    def signature_check(self, request: IRequest) -> SignatureCheck:
         """
-        Verify the credential and the signature over the raw C{body}.
+        Take from C{request}, on the reactor thread, what its signature is
+        checked against: a check of the raw body that touches nothing of
+        Twisted's, so it can run in a thread.
 
-        @return: the POP ids the credential proves, or None when it names no
-            POP (a shared token).
-        @raise AuthenticationFailed: otherwise.
+        @raise AuthenticationFailed: the credential is missing or wrong.
         """
 
 
@@ -343,16 +352,19 @@ class CertificateAuthentication:
         Nothing more to check: the handshake verified the certificate.
         """
 
-    def authenticate(self, request: IRequest, body: bytes) -> frozenset[str]:
+    def signature_check(self, request: IRequest) -> SignatureCheck:
         certificate = tls.peer_certificate(request.channel.transport)
         if certificate is None:
             raise AuthenticationFailed("no client certificate")
-        protocol.verify_certificate_signature(
-            _single_header(request, protocol.SIGNATURE_HEADER, AuthenticationFailed),
-            body,
-            certificate.public_key(),
-        )
-        return tls.dns_names(certificate)
+        header = _single_header(request, protocol.SIGNATURE_HEADER, AuthenticationFailed)
+        public_key = certificate.public_key()
+        names = tls.dns_names(certificate)
+
+        def check(body: bytes) -> frozenset[str]:
+            protocol.verify_certificate_signature(header, body, public_key)
+            return names
+
+        return check
 
 
 class TokenAuthentication:
@@ -386,14 +398,15 @@ class TokenAuthentication:
         if not any(matches):
             raise AuthenticationFailed("bearer token matches no token")
 
-    def authenticate(self, request: IRequest, body: bytes) -> None:
+    def signature_check(self, request: IRequest) -> SignatureCheck:
         self.check_credential(request)
-        protocol.verify_hmac_signature(
-            _single_header(request, protocol.SIGNATURE_HEADER, AuthenticationFailed),
-            body,
-            self._token_source.tokens(),
-        )
-        return None
+        header = _single_header(request, protocol.SIGNATURE_HEADER, AuthenticationFailed)
+        tokens = self._token_source.tokens()
+
+        def check(body: bytes) -> None:
+            protocol.verify_hmac_signature(header, body, tokens)
+
+        return check
 
     @staticmethod
     def _bearer_token(request: IRequest) -> bytes:
@@ -956,9 +969,14 @@ class ApplyResource(Resource):
         self._check_media_type(request)
         self._refuse_while_starting()
         body = request.content.getvalue()
-        proven = self._authentication.authenticate(request, body)
+        # A body of max_request_bytes takes a good part of a second to
+        # verify and parse: in threads, so the reactor serves others meanwhile.
+        check = self._authentication.signature_check(request)
+        proven = await deferToThread(check, body)
         self._defences.authenticated(attempt)
-        batch = protocol.parse_batch(body, self._config.security.max_entry_bytes)
+        batch = await deferToThread(
+            protocol.parse_batch, body, self._config.security.max_entry_bytes
+        )
         attempt.describe(batch)
         self._check_identity(batch, proven, attempt)
         protocol.check_freshness(

@@ -31,6 +31,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
+from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 from twisted.web.client import (
@@ -1093,6 +1094,31 @@ class _DefenceTests:
     rate_limit = 10  # a token every 6 seconds
     ban_after = 3
     ban_duration = 600
+
+    @inlineCallbacks
+    def test_body_checked_off_the_reactor_thread(self):
+        """
+        The signature check and the parse of a body run in threads, not on
+        the reactor's: a body of max_request_bytes takes a good part of a
+        second, and every other connection would wait for it.
+        """
+        on_reactor = []
+
+        def record_thread(name):
+            original = getattr(protocol, name)
+
+            def recorded(*args):
+                on_reactor.append((name, isInIOThread()))
+                return original(*args)
+
+            self.patch(protocol, name, recorded)
+
+        verify = "verify_certificate_signature" if self.method == "mtls" else "verify_hmac_signature"
+        record_thread(verify)
+        record_thread("parse_batch")
+        result = yield self.send(self.batch())
+        self.assertApplied(result, applied=3)
+        self.assertEqual(on_reactor, [(verify, False), ("parse_batch", False)])
 
     def forged(self, batch, close=False):
         """
