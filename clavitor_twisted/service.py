@@ -4,8 +4,9 @@ The service tree of one POP, built from its config.
 
 L{make_service} gives a L{ReplicationService}: first the vault thread pool,
 in bearer mode a timer that rereads the token file, then, by role, either
-the backup's audit log and TLS listener or the primary's sender (never
-both: a backup never runs a sender, whatever else its config says).  Children start in
+the backup's audit log and TLS listener or the primary's sender and the
+watch on its data directory that wakes it (never both: a backup never runs
+a sender, whatever else its config says).  Children start in
 that order and stop one after another in reverse order, so the sender's
 batch in flight finishes before the vault connections close.
 
@@ -37,6 +38,7 @@ from clavitor_twisted.config import Config, load_config
 from clavitor_twisted.errors import CertificateError, ClavitorError, ConfigError, TokenError
 from clavitor_twisted.tokens import TokenSource
 from clavitor_twisted.vault import VaultStore
+from clavitor_twisted.watch import ChangeWatcher
 
 # Seconds between looks at the token file in bearer mode.  TokenSource also
 # looks when a token is used; the timer notices (and logs) a changed or
@@ -252,6 +254,7 @@ def make_service(
     if role.runs_sender(config.role):
         replication_sender = sender.make_sender(config, vaults.store, reactor, token_source)
         SenderService(replication_sender).setServiceParent(top)
+        ChangeWatcher(config.data_dir, replication_sender.wake, reactor).setServiceParent(top)
     else:
         audit_log = AuditLog(config.security.audit_log, reactor)
         AuditService(audit_log, reactor).setServiceParent(top)

@@ -43,6 +43,8 @@ ENTRY_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_VERSION = 2**63 - 1
 
 _FILE_NAME = re.compile(r"clavitor-(.*)\.db", re.DOTALL)
+# The vault file and the journals SQLite writes beside it.
+_WRITTEN_FILE_NAME = re.compile(r"clavitor-(.*)\.db(?:-wal|-journal)?", re.DOTALL)
 
 # The schema every vault file has.  The vault server creates the same.
 SCHEMA = (
@@ -117,6 +119,17 @@ def list_vault_ids(data_dir: str) -> list[str]:
             ):
                 ids.append(match.group(1))
     return sorted(ids)
+
+
+def written_vault_id(file_name: str) -> str | None:
+    """
+    The vault that a write to the file C{file_name} (of a data directory)
+    changes: the vault file itself, or its WAL or rollback journal.
+    """
+    match = _WRITTEN_FILE_NAME.fullmatch(file_name)
+    if match is None or not is_vault_id(match.group(1)):
+        return None
+    return match.group(1)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ class ServiceTreeTests(SynchronousTestCase):
                 reactor,
                 environ={"CLAVITOR_BACKUP_MODE": "true"},
             )
-        self.assertEqual([s.name for s in top], ["vaults", "sender"])
+        self.assertEqual([s.name for s in top], ["vaults", "sender", "watch"])
         self.assertIsInstance(top.getServiceNamed("sender"), service.SenderService)
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertEqual([e.get("variable") for e in warnings], ["CLAVITOR_BACKUP_MODE"])
@@ -438,6 +438,29 @@ class ReplicationTests(TestCase):
         self.assertEqual({r["result"] for r in records}, {"applied"})
         self.assertEqual({r["proven_pop"] for r in records}, {demo.PRIMARY_POP})
         self.assertEqual(sum(r["entries"] for r in records), 7)
+
+    @inlineCallbacks
+    def test_a_write_wakes_the_sender(self):
+        """
+        With scans an hour apart, an entry written after the primary's first
+        scan still reaches the backup within seconds: the watch on the data
+        directory wakes the sender.
+        """
+        pop = Pop(self)
+        port = yield self.start_backup(pop)
+        vault = open_vault_for_writes(Role.PRIMARY, pop.primary_dir, VAULT_ID)
+        self.addCleanup(vault.close)
+        document = pop.primary(port)
+        document["replication"]["scan_interval"] = 3600
+        primary = self.start(as_config(document))
+        yield primary.getServiceNamed("sender").sender.drain()
+
+        vault.put_entry("entry-0", b"written later", 1000)
+        for _ in range(100):
+            if os.path.exists(vault_path(pop.backup_dir, VAULT_ID)) and rows(pop.backup_dir):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(rows(pop.backup_dir), rows(pop.primary_dir))
 
     @inlineCallbacks
     def test_stop_waits_for_the_batch_in_flight(self):

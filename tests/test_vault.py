@@ -26,6 +26,7 @@ from clavitor_twisted.vault import (
     VaultStore,
     is_vault_id,
     list_vault_ids,
+    written_vault_id,
     open_vault_for_writes,
     vault_path,
 )
@@ -152,6 +153,23 @@ class ListVaultIdsTests(SynchronousTestCase):
 
     def test_empty(self):
         self.assertEqual(list_vault_ids(make_data_dir(self)), [])
+
+    def test_written_vault_id(self):
+        """
+        A write to a vault file or to the journals SQLite keeps beside it
+        changes that vault; the shared-memory file and other names do not.
+        """
+        for suffix in ("", "-wal", "-journal"):
+            self.assertEqual(written_vault_id("clavitor-" + VAULT_A + ".db" + suffix), VAULT_A)
+        for name in (
+            "clavitor-" + VAULT_A + ".db-shm",
+            "clavitor-" + VAULT_A + ".db-wal-x",
+            "clavitor-" + VAULT_A.upper() + ".db",
+            "clavitor-../" + VAULT_A + ".db",
+            "x-clavitor-" + VAULT_A + ".db",
+            "notes.txt",
+        ):
+            self.assertIsNone(written_vault_id(name), name)
 
 
 class OpenTests(SynchronousTestCase):
