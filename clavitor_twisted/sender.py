@@ -11,8 +11,9 @@ only where their version is still the one that was sent.
 
 A refusal about what a batch holds (L{CONTENT_REFUSALS}) stops only the
 vault it is about: a batch of several vaults is sent again one vault per
-batch, and a vault refused on its own is held back, on a ladder of its own,
-while the other vaults go on replicating.
+batch (one vault's batch too large for the backup, in halves), and a vault
+refused on its own is held back, on a ladder of its own, while the other
+vaults go on replicating.
 """
 
 from __future__ import annotations
@@ -308,7 +309,8 @@ class Sender:
         Send one batch from the store: the entries of the vaults not held
         back in one request, each held-back vault whose delay has passed in
         a request of its own.  A content refusal of several vaults sends each
-        of them alone; one of a single vault holds it back.  Fires with True
+        of them alone; a 413 of one vault sends its entries in halves; any
+        other, or a 413 of a single entry, holds the vault back.  Fires with True
         to go on draining, False when a failure has scheduled the global
         retry (or the sender stopped).
         """
@@ -336,6 +338,19 @@ class Sender:
                     status=verdict,
                 )
                 attempts[:0] = vaults.values()
+            elif verdict == 413 and len(attempt) > 1:
+                # Too large for this backup's cap (its max_request_bytes is
+                # below our max_batch_bytes): halves, down to one entry.
+                half = len(attempt) // 2
+                self.log.warn(
+                    "backup {backup} refused {count} entries of vault {vault_id}"
+                    " as too large; sending them in halves (keep"
+                    " replication.max_batch_bytes within its max_request_bytes)",
+                    backup=self._backup.id,
+                    count=len(attempt),
+                    vault_id=attempt[0].vault_id,
+                )
+                attempts[:0] = [attempt[:half], attempt[half:]]
             else:
                 (vault_id,) = vaults
                 self._hold(vault_id, verdict, len(attempt))

@@ -737,10 +737,10 @@ class HeldVaultTests(_SenderCase):
 
     def test_single_vault_refusal_holds_at_once(self):
         """
-        A batch of one vault refused with 400, 403, 409 or 413 holds that
-        vault back at once, with no split; nothing of it is marked.
+        A batch of one vault refused with 400, 403 or 409 holds that vault
+        back at once, with no split; nothing of it is marked.
         """
-        for code in (400, 403, 409, 413):
+        for code in (400, 403, 409):
             self.clock, self.store, self.events = Clock(), MemoryStore(), []
             self.store.write(VAULT, "a1")
             self.store.write(VAULT, "a2")
@@ -756,6 +756,54 @@ class HeldVaultTests(_SenderCase):
             self.assertWaits(5)
             self.assertEqual(self.store.dirty, {(VAULT, "a1"), (VAULT, "a2")})
             self.successResultOf(sender.stop())
+
+    def test_too_large_for_the_backup_sent_in_halves(self):
+        """
+        One vault's batch refused with 413 (the backup's cap is below
+        max_batch_bytes) is sent again in halves, and halves of those, until
+        each part fits: everything drains, nothing is held back, and the
+        operator is told to fix the sizes.
+        """
+        for n in range(5):
+            self.store.write(VAULT, "a%d" % n)
+
+        def answer(batch):
+            if len(batch.entries) > 2:
+                return refusal(413)
+            return accepted(batch)
+
+        self.make(answer).start()
+        self.assertEqual(
+            [len(batch.entries) for batch in self.backup.batches()], [5, 2, 3, 1, 2]
+        )
+        self.assertEqual(self.store.dirty, set())
+        self.assertEqual(self.held_back(), [])
+        warnings = [e for e in self.events if e["log_level"] == LogLevel.warn]
+        self.assertEqual([e["count"] for e in warnings], [5, 3])
+        self.assertIn("max_batch_bytes", formatEvent(warnings[0]))
+
+    def test_single_entry_too_large_held_back(self):
+        """
+        One entry the backup refuses as too large holds its vault back (its
+        neighbours in the batch still go), and is never split further.
+        """
+        self.store.write(VAULT, "a0")
+        self.store.write(VAULT, "big")
+        self.store.write(VAULT, "a2")
+
+        def answer(batch):
+            if any(entry.entry_id == "big" for entry in batch.entries):
+                return refusal(413)
+            return accepted(batch)
+
+        self.make(answer).start()
+        self.assertEqual(
+            [[e.entry_id for e in batch.entries] for batch in self.backup.batches()],
+            [["a0", "a2", "big"], ["a0"], ["a2", "big"], ["a2"], ["big"]],
+        )
+        self.assertEqual(self.store.dirty, {(VAULT, "big")})
+        [held] = self.held_back()
+        self.assertEqual((held["vault_id"], held["status"], held["entries"]), (VAULT, 413, 1))
 
     def test_split_batch_accepted(self):
         """
