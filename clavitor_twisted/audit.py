@@ -150,7 +150,11 @@ class AuditLog:
         self._fd: int | None = None
         # A write cut short left part of a line: end it before the next.
         self._partial = False
-        self.counts: collections.Counter[str] = collections.Counter()
+        # Since start: records by result, failed authentications, and the
+        # entries of applied batches (for status and metrics).
+        self.results: collections.Counter[str] = collections.Counter()
+        self.auth_failures = 0
+        self.entries_applied = 0
         if path is not None:
             try:
                 self._fd = os.open(path, _OPEN_FLAGS, 0o600)
@@ -167,9 +171,11 @@ class AuditLog:
         """
         fields = _fields(attempt)
         fields["logged_at"] = _json_value(self._clock.seconds())
-        self.counts[fields["result"]] += 1
+        self.results[fields["result"]] += 1
         if attempt.auth_failure:
-            self.counts["auth_failure"] += 1
+            self.auth_failures += 1
+        if fields["result"] == "applied":
+            self.entries_applied += attempt.entries
         written = self._fd is not None and self._write(fields)
         if attempt.auth_failure:
             self._emit(LogLevel.critical, fields)

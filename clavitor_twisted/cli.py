@@ -6,6 +6,7 @@ C{clavitor-repl}: the operator's commands.
   - C{gen-token}: a new shared token file, or a rotation of one;
   - C{check-config}: build everything the daemon would build from a config
     file, without starting it;
+  - C{status}: ask the running daemon of a config file what it is doing;
   - C{demo}: the local demonstration (L{clavitor_twisted.demo}).
 
 Secrets never appear in arguments, the environment or the output, and what
@@ -15,8 +16,10 @@ public text only.
 
 import argparse
 import ipaddress
+import json
 import os
 import sys
+import urllib.request
 from collections.abc import Sequence
 
 from clavitor_twisted import demo, pki, tokens
@@ -24,6 +27,8 @@ from clavitor_twisted.config import POP_ID_PATTERN, load_config
 from clavitor_twisted.errors import ClavitorError
 
 CA_FILES = ("ca.crt", "ca.key")
+# Seconds to wait for the daemon's status.
+STATUS_TIMEOUT = 10
 
 
 def _pop_id(text: str) -> str:
@@ -125,6 +130,34 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_status(args: argparse.Namespace) -> int:
+    """
+    Ask the running daemon of a config file for its status, on its
+    metrics address.
+    """
+    from clavitor_twisted.status import STATUS_PATH, describe
+
+    try:
+        config = load_config(args.file)
+    except ClavitorError as e:
+        return _fail("status", e.public)
+    if config.metrics is None:
+        return _fail("status", "metrics: not configured, so the daemon serves no status")
+    host = config.metrics.address
+    if ":" in host:
+        host = "[" + host + "]"
+    url = "http://{}:{}{}".format(host, config.metrics.port, STATUS_PATH.decode())
+    try:
+        # Straight to the loopback address, whatever proxy the environment names.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=STATUS_TIMEOUT) as answer:
+            document = json.load(answer)
+    except (OSError, ValueError):
+        return _fail("status", "no status from the daemon on metrics.address, metrics.port")
+    print(json.dumps(document, indent=2) if args.json else describe(document))
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     return demo.run(args.entries, args.vaults, args.timeout, args.keep, args.auth)
 
@@ -166,6 +199,11 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="check a replication config file")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=check_config)
+
+    state = commands.add_parser("status", help="what the running daemon of a config is doing")
+    state.add_argument("file", metavar="FILE", help="the daemon's config file")
+    state.add_argument("--json", action="store_true", help="print the status document")
+    state.set_defaults(run=show_status)
 
     show = commands.add_parser("demo", help="replicate between two local processes")
     show.add_argument("--entries", type=_positive, default=10_000)

@@ -127,6 +127,17 @@ class ListenConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """
+    Where the status and metrics of this POP are served (plain HTTP, so a
+    loopback address only).
+    """
+
+    address: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
 class Config:
     pop_id: str
     region: str
@@ -138,6 +149,7 @@ class Config:
     backup_pop: BackupPop | None
     listen: ListenConfig | None
     authorized_pops: tuple[str, ...]
+    metrics: MetricsConfig | None = None
 
     @property
     def ignored_keys(self) -> tuple[str, ...]:
@@ -511,6 +523,19 @@ def _listen(value: Any, path: KeyPath) -> ListenConfig:
     )
 
 
+def _loopback_address(value: Any, path: KeyPath) -> str:
+    address = _ip_address(value, path)
+    if not ipaddress.ip_address(address).is_loopback:
+        raise _Invalid(path, "must be a loopback address (status and metrics are plain HTTP)")
+    return address
+
+
+def _metrics(value: Any, path: KeyPath) -> MetricsConfig:
+    return MetricsConfig(
+        **_section(value, path, {"address": _loopback_address, "port": _integer(1, 65535)})
+    )
+
+
 def _config(document: dict) -> Config:
     fields = _section(
         document,
@@ -526,6 +551,7 @@ def _config(document: dict) -> Config:
             "security": _security,
             "listen": _listen,
             "authorized_pops": _pop_ids,
+            "metrics": _metrics,
         },
         ("pop_id", "region", "role", "data_dir", "auth"),
     )
@@ -554,6 +580,7 @@ def _config(document: dict) -> Config:
         backup_pop=backup_pop,
         listen=listen,
         authorized_pops=authorized_pops,
+        metrics=fields.get("metrics"),
     )
 
 

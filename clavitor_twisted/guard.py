@@ -253,6 +253,14 @@ class BanList:
         self._expire()
         return len(self._bans) + len(self._failures)
 
+    @property
+    def active(self) -> int:
+        """
+        The bans in force.
+        """
+        now = self._expire()
+        return sum(1 for end in self._bans.values() if now < end)
+
     def check(self, key: str) -> None:
         """
         @raise Forbidden: C{key} is banned.

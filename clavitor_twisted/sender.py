@@ -143,6 +143,24 @@ class Poster(typing.Protocol):
     def close(self) -> Deferred[None]: ...
 
 
+@dataclass(frozen=True)
+class SenderStatus:
+    """
+    What the sender can tell an operator (times on the sender's clock).
+    """
+
+    started_at: float
+    last_success: float | None
+    failures: int
+    retry_at: float | None
+    # vault id -> (end of its hold, failures in a row)
+    held: dict[str, tuple[float, int]]
+    batches: int
+    entries: int
+    failed_attempts: int
+    refused_attempts: int
+
+
 class _Hold:
     """
     A vault held back after the backup refused it alone: its own ladder,
@@ -208,6 +226,9 @@ class Sender:
         self._held: dict[str, _Hold] = {}
         self._held_retry: IDelayedCall | None = None
         self._stopped = False
+        self._started_at = clock.seconds()
+        self._last_success: float | None = None
+        self._batches = self._entries = self._failed_attempts = self._refused_attempts = 0
 
     def start(self) -> None:
         """
@@ -237,6 +258,19 @@ class Sender:
         done = self._when_drained() if self._draining else succeed(None)
         done.addCallback(lambda _: self._post.close())
         return done
+
+    def status(self) -> SenderStatus:
+        return SenderStatus(
+            started_at=self._started_at,
+            last_success=self._last_success,
+            failures=self._backoff.failures,
+            retry_at=self._retry.getTime() if self._retry is not None else None,
+            held={v: (hold.until, hold.backoff.failures) for v, hold in self._held.items()},
+            batches=self._batches,
+            entries=self._entries,
+            failed_attempts=self._failed_attempts,
+            refused_attempts=self._refused_attempts,
+        )
 
     def wake(self) -> None:
         """
@@ -460,6 +494,7 @@ class Sender:
             self._failed(_failure_reason(failure), failure)
             return None
         if answer.code in CONTENT_REFUSALS:
+            self._refused_attempts += 1
             return answer.code
         if answer.code in (429, 503):
             # Rate limited, or a backup in its restart window: both say
@@ -500,6 +535,9 @@ class Sender:
             self._failed("store", Failure())
             return None
         self._backoff.success()
+        self._last_success = self._clock.seconds()
+        self._batches += 1
+        self._entries += len(entries)
         self.log.info(
             "replicated {count} entries to {backup} (epoch {epoch} seq {seq}):"
             " {applied} applied, {skipped} skipped, {marked} marked replicated",
@@ -523,6 +561,7 @@ class Sender:
         """
         Count a failed attempt, log it and schedule the retry.
         """
+        self._failed_attempts += 1
         ladder_delay = self._backoff.failure()
         if delay is None:
             delay = ladder_delay

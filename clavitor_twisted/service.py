@@ -25,14 +25,14 @@ from zope.interface import implementer
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from clavitor_twisted import receiver, role, sender, tls
+from clavitor_twisted import receiver, role, sender, status, tls
 from clavitor_twisted.audit import AuditLog, install_reopen_on_sighup
 from clavitor_twisted.config import Config, load_config
 from clavitor_twisted.errors import CertificateError, ClavitorError, ConfigError, TokenError
@@ -161,6 +161,37 @@ class ObservedEndpoint:
         return port
 
 
+class CannotListen(Exception):
+    """
+    A listener's port cannot be bound; C{keys} are the config keys to fix.
+    """
+
+    def __init__(self, keys: str, error: CannotListenError) -> None:
+        super().__init__(keys)
+        self.keys = keys
+        self.error = error
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A named listening port whose failure to bind fails the start (as
+    twisted.application.strports does) instead of leaving a POP that does
+    not listen, naming the config keys of its address.
+    """
+
+    def __init__(self, name: str, endpoint: IStreamServerEndpoint, factory, keys: str) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.setName(name)
+        self._keys = keys
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            raise CannotListen(self._keys, error)
+
+
 class ReplicationService(MultiService):
     """
     One POP's replication.  Children start in the order they were added
@@ -192,7 +223,7 @@ def _receiver_service(
     reactor,
     token_source: TokenSource | None,
     audit_log: AuditLog,
-) -> StreamServerEndpointService:
+) -> Listener:
     identity = tls.load_pop_identity(config.auth.mtls_cert, config.auth.mtls_key, config.pop_id)
     ca = tls.load_ca(config.auth.mtls_ca)
     options = tls.server_options(
@@ -209,12 +240,16 @@ def _receiver_service(
     endpoint = SSL4ServerEndpoint(
         reactor, config.listen.port, options, interface=config.listen.address
     )
-    listener = StreamServerEndpointService(ObservedEndpoint(endpoint, config.pop_id), site)
-    # As twisted.application.strports does: a port that cannot be bound
-    # fails the start instead of leaving a backup that does not listen.
-    listener._raiseSynchronously = True
-    listener.setName("receiver")
-    return listener
+    return Listener(
+        "receiver", ObservedEndpoint(endpoint, config.pop_id), site, "listen.address, listen.port"
+    )
+
+
+def _status_service(config: Config, source: status.StatusSource, reactor) -> Listener:
+    endpoint = TCP4ServerEndpoint(reactor, config.metrics.port, interface=config.metrics.address)
+    return Listener(
+        "status", endpoint, status.make_status_site(source), "metrics.address, metrics.port"
+    )
 
 
 def make_service(
@@ -251,15 +286,20 @@ def make_service(
         refresh.setName("tokens")
         refresh.setServiceParent(top)
 
+    source: status.StatusSource
     if role.runs_sender(config.role):
         replication_sender = sender.make_sender(config, vaults.store, reactor, token_source)
         SenderService(replication_sender).setServiceParent(top)
         ChangeWatcher(config.data_dir, replication_sender.wake, reactor).setServiceParent(top)
+        source = status.PrimaryStatus(config, replication_sender, vaults.store, reactor)
     else:
         audit_log = AuditLog(config.security.audit_log, reactor)
         AuditService(audit_log, reactor).setServiceParent(top)
         listener = _receiver_service(config, vaults.store, reactor, token_source, audit_log)
         listener.setServiceParent(top)
+        source = status.BackupStatus(config, listener.factory.defences, reactor.seconds())
+    if config.metrics is not None:
+        _status_service(config, source, reactor).setServiceParent(top)
 
     log.info(
         "clavitor-repl {role} {pop_id}: auth {method}",
@@ -311,14 +351,15 @@ class DaemonService(MultiService):
             self._end_start(self.error.public)
         try:
             super().privilegedStartService()
-        except CannotListenError as e:
+        except CannotListen as failed:
+            e = failed.error
             log.critical(
                 "clavitor-repl cannot listen on {address} port {port}: {reason}",
                 address=e.interface,
                 port=e.port,
                 reason=str(e.socketError),
             )
-            public = "cannot listen on listen.address, listen.port"
+            public = "cannot listen on " + failed.keys
             if self.stderr is not None and not self.daemonizes:
                 self.stderr.write("clavitor-repl: " + public + "\n")
                 self.stderr.flush()

@@ -375,16 +375,15 @@ class AuditTwistedLogTests(SynchronousTestCase):
     def test_counts(self) -> None:
         """
         Records are counted by result, authentication failures on their
-        own as well.
+        own as well, and the entries of applied batches.
         """
         audit = AuditLog(None, self.clock)
         forbidden = attempt(result="forbidden", status=403, auth_failure=False)
         for record in (APPLIED, APPLIED, attempt(), forbidden):
             audit.record(record)
-        self.assertEqual(
-            audit.counts,
-            {"applied": 2, "unauthenticated": 1, "forbidden": 1, "auth_failure": 1},
-        )
+        self.assertEqual(audit.results, {"applied": 2, "unauthenticated": 1, "forbidden": 1})
+        self.assertEqual(audit.auth_failures, 1)
+        self.assertEqual(audit.entries_applied, 2 * APPLIED.entries)
 
 
 # Any text, lone surrogates included (hypothesis leaves them out of text()).

@@ -17,6 +17,7 @@ from clavitor_twisted.config import (
     BackupPop,
     Config,
     ListenConfig,
+    MetricsConfig,
     ReplicationConfig,
     SecurityConfig,
     load_config,
@@ -209,6 +210,37 @@ class ValidConfigTests(ConfigTestCase):
         )
         self.assertEqual(config.listen, ListenConfig("::1", 9443))
         self.assertEqual(config.authorized_pops, ("zurich-01", "vienna-02"))
+
+    def test_metrics(self) -> None:
+        """
+        Status and metrics are off without a C{metrics} section; an empty
+        one serves them on 127.0.0.1 port 9464; address and port can be
+        any loopback address and port, for either role.
+        """
+        self.assertIsNone(parse_config(PRIMARY).metrics)
+        self.assertEqual(parse_config(document(metrics={})).metrics, MetricsConfig("127.0.0.1", 9464))
+        self.assertEqual(
+            parse_config(document(BACKUP, metrics={"address": "::1", "port": 9100})).metrics,
+            MetricsConfig("::1", 9100),
+        )
+        self.assertEqual(
+            parse_config(document(metrics={"address": "127.0.0.2"})).metrics.address, "127.0.0.2"
+        )
+
+    def test_metrics_refused(self) -> None:
+        """
+        Status and metrics are plain HTTP: any address but loopback is
+        refused, and so are unknown keys and ports out of range.
+        """
+        for address in ("0.0.0.0", "10.0.0.1", "::", "localhost"):
+            self.refused(document(metrics={"address": address}))
+        self.refused(
+            document(metrics={"address": "192.0.2.1"}),
+            "metrics.address: must be a loopback address (status and metrics are plain HTTP)",
+        )
+        self.refused(document(metrics={"port": 0}))
+        self.refused(document(metrics={"path": "/x"}), "metrics.path: unknown key")
+        self.refused(document(metrics=[9464]), "metrics: must be a mapping")
 
     def test_backup_pop_on_backup_ignored(self) -> None:
         """

@@ -1186,7 +1186,7 @@ class _DefenceTests:
         records = self.records()
         self.assertEqual(len(records), self.ban_after + 3)
         self.assertEqual(sum(r["auth_failure"] for r in records), self.ban_after)
-        self.assertEqual(self.audit.counts["auth_failure"], self.ban_after)
+        self.assertEqual(self.audit.auth_failures, self.ban_after)
 
     @inlineCallbacks
     def test_rate_limit_per_address(self):

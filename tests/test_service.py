@@ -249,6 +249,29 @@ class ListenFailureTests(TestCase):
         self.assertEqual(event["port"], taken.getHost().port)
 
 
+    def test_status_port_in_use(self):
+        """
+        A status port that cannot be bound ends the start too, naming the
+        metrics keys; the primary is built with the status listener last.
+        """
+        taken = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        pop = Pop(self)
+        document = pop.primary(9)
+        document["metrics"] = {"port": taken.getHost().port}
+        stderr = io.StringIO()
+        daemon = service.DaemonService(stderr=stderr)
+        top = service.make_service(as_config(document), reactor, environ={})
+        self.assertEqual([s.name for s in top], ["vaults", "sender", "watch", "status"])
+        top.setServiceParent(daemon)
+        with capturedLogs():
+            exit = self.assertRaises(SystemExit, daemon.privilegedStartService)
+        self.assertEqual(exit.code, 1)
+        self.assertEqual(
+            stderr.getvalue(), "clavitor-repl: cannot listen on metrics.address, metrics.port\n"
+        )
+
+
 class AuditServiceTests(SynchronousTestCase):
     def test_sighup_reopens_while_running(self):
         """
