@@ -55,6 +55,9 @@ BACKOFF_SECONDS = (1, 5, 25, 125, 625)
 # Answers that judge what the batch holds (an entry, a vault's owner or
 # epoch, its size), not the link or the credentials.
 CONTENT_REFUSALS = frozenset({400, 403, 409, 413})
+# The backup could not apply the batch: about one vault (its replica) or
+# about the backup as a whole (its disk); see Sender._send_batch.
+INTERNAL_ERROR = 500
 MAX_RETRY_AFTER = 3600
 MAX_ANSWER_BYTES = 64 * 1024
 
@@ -342,17 +345,23 @@ class Sender:
         """
         Send one batch from the store: the entries of the vaults not held
         back in one request, each held-back vault whose delay has passed in
-        a request of its own.  A content refusal of several vaults sends each
-        of them alone; a 413 of one vault sends its entries in halves; any
-        other, or a 413 of a single entry, holds the vault back.  Fires with True
-        to go on draining, False when a failure has scheduled the global
-        retry (or the sender stopped).
+        a request of its own.  A content refusal or a 500 of several vaults
+        sends each of them alone; a 413 of one vault sends its entries in
+        halves; any other refusal of one vault, or a 413 of a single entry,
+        holds the vault back.  A 500 of one vault is about that vault (a
+        replica the backup cannot write, say) only if the backup accepted
+        another vault meanwhile or the vault is held back already; else it
+        is about the backup, and waits on the global ladder.  Fires with
+        True to go on draining, False when a failure has scheduled the
+        global retry (or the sender stopped).
         """
         fresh = [e for e in entries if e.vault_id not in self._held]
         attempts = [fresh] if fresh else []
         attempts += [
             group for vault_id, group in by_vault(entries).items() if vault_id in self._held
         ]
+        accepted_any = False
+        failed_alone: list[Sequence[Entry]] = []
         while attempts:
             if self._stopped:
                 return False
@@ -362,6 +371,7 @@ class Sender:
                 return False
             vaults = by_vault(attempt)
             if verdict == 200:
+                accepted_any = True
                 self._release(vaults)
             elif len(vaults) > 1:
                 self.log.warn(
@@ -385,9 +395,15 @@ class Sender:
                     vault_id=attempt[0].vault_id,
                 )
                 attempts[:0] = [attempt[:half], attempt[half:]]
+            elif verdict == INTERNAL_ERROR and attempt[0].vault_id not in self._held:
+                failed_alone.append(attempt)
             else:
-                (vault_id,) = vaults
-                self._hold(vault_id, verdict, len(attempt))
+                self._hold(attempt[0].vault_id, verdict, len(attempt))
+        if failed_alone and not accepted_any:
+            self._failed("refused", "HTTP {}".format(INTERNAL_ERROR))
+            return False
+        for attempt in failed_alone:
+            self._hold(attempt[0].vault_id, INTERNAL_ERROR, len(attempt))
         return True
 
     def _held_back(self) -> frozenset[str]:
@@ -461,8 +477,9 @@ class Sender:
         """
         One attempt: sign a new batch, post it, judge the answer, and mark
         the entries replicated after a valid C{200}.  Fires with 200 on
-        success, with the status of a content refusal (nothing scheduled),
-        or with None on any other failure, whose wait is already scheduled.
+        success, with the status of a content refusal or a 500 (nothing
+        scheduled), or with None on any other failure, whose wait is
+        already scheduled.
         """
         epoch = self._epoch
         self._seq += 1
@@ -495,6 +512,9 @@ class Sender:
             return None
         if answer.code in CONTENT_REFUSALS:
             self._refused_attempts += 1
+            return answer.code
+        if answer.code == INTERNAL_ERROR:
+            # Judged by the caller: one vault's replica, or the backup.
             return answer.code
         if answer.code in (429, 503):
             # Rate limited, or a backup in its restart window: both say

@@ -472,7 +472,7 @@ class SenderTests(_SenderCase):
         """
         bad = [
             ("refused", answering(401)),
-            ("refused", answering(500)),
+            ("refused", answering(502)),
             ("refused", answering(201)),
             ("wrong_backup", lambda batch: accepted(batch, pop_id="geneva-01")),
             ("wrong_backup", lambda batch: accepted(batch, role="primary")),
@@ -826,15 +826,15 @@ class HeldVaultTests(_SenderCase):
 
     def test_other_failures_keep_global_ladder(self):
         """
-        401, 5xx, connection failures, a wrong backup and 429 are not about
-        the content: the mixed batch is never split, no vault is held back,
-        and the waits follow the global ladder.
+        401, a 5xx but 500, connection failures, a wrong backup and 429 are
+        not about the content: the mixed batch is never split, no vault is
+        held back, and the waits follow the global ladder.
         """
         self.store.write(VAULT, "a1")
         self.store.write(OTHER_VAULT, "b1")
         answers = [
             answering(401),
-            answering(500),
+            answering(502),
             answering(503),
             lambda batch: fail(ConnectionRefusedError()),
             lambda batch: accepted(batch, pop_id="geneva-01"),
@@ -851,6 +851,57 @@ class HeldVaultTests(_SenderCase):
         )
         self.assertEqual(self.held_back(), [])
         self.assertEqual(self.store.dirty, set())
+
+    def test_internal_error_of_one_vault_holds_it(self):
+        """
+        A 500 for a mixed batch (a replica the backup cannot write) sends
+        each vault alone; when the others are accepted, only the failing
+        vault is held back, on its own ladder, and a 500 for it alone later
+        keeps it held instead of stopping every vault.
+        """
+        self.store.write(VAULT, "a1")
+        self.store.write(OTHER_VAULT, "b1")
+        sender = self.make(Poisoned(VAULT, code=500))
+        sender.start()
+        self.assertEqual(self.backup.vaults(), [{VAULT, OTHER_VAULT}, {VAULT}, {OTHER_VAULT}])
+        [held] = self.held_back()
+        self.assertEqual((held["vault_id"], held["status"], held["delay"]), (VAULT, 500, 1))
+        self.assertEqual(self.store.dirty, {(VAULT, "a1")})
+        self.assertWaits(1)
+        self.assertEqual(self.backup.vaults()[-1], {VAULT})
+        self.assertEqual([e["delay"] for e in self.held_back()], [1, 5])
+        self.store.write(OTHER_VAULT, "b2")
+        sender.wake()
+        self.assertEqual(self.backup.vaults()[-1], {OTHER_VAULT})
+        self.assertEqual(self.store.dirty, {(VAULT, "a1")})
+
+    def test_internal_error_of_every_vault_is_global(self):
+        """
+        When every vault of the split batch gets 500 too, the backup itself
+        is failing (its disk, say): no vault is held back, and the whole
+        batch waits on the global ladder.
+        """
+        self.store.write(VAULT, "a1")
+        self.store.write(OTHER_VAULT, "b1")
+        self.make(answering(500)).start()
+        self.assertEqual(self.backup.vaults(), [{VAULT, OTHER_VAULT}, {VAULT}, {OTHER_VAULT}])
+        self.assertEqual(self.held_back(), [])
+        failure = self.events[-1]
+        self.assertEqual((failure["reason"], failure["error"], failure["delay"]), ("refused", "HTTP 500", 1))
+        self.clock.advance(1)
+        self.assertEqual(len(self.backup.vaults()), 6)
+        self.assertEqual(self.events[-1]["delay"], 5)
+
+    def test_internal_error_of_a_lone_vault_is_global(self):
+        """
+        A 500 for the one vault that has anything dirty says nothing about
+        that vault: it waits on the global ladder, not held back.
+        """
+        self.store.write(VAULT, "a1")
+        self.make(answering(500)).start()
+        self.assertEqual(self.held_back(), [])
+        self.assertWaits(1)
+        self.assertWaits(5)
 
     def test_forgets_vault_with_nothing_dirty(self):
         """
