@@ -13,7 +13,8 @@ A refusal about what a batch holds (L{CONTENT_REFUSALS}) stops only the
 vault it is about: a batch of several vaults is sent again one vault per
 batch (one vault's batch too large for the backup, in halves), and a vault
 refused on its own is held back, on a ladder of its own, while the other
-vaults go on replicating.
+vaults go on replicating.  A 500 is split the same way, and holds back
+the vaults that fail only if the backup accepts others.
 """
 
 from __future__ import annotations
