@@ -23,6 +23,8 @@ import re
 import sqlite3
 import tempfile
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -562,17 +564,66 @@ class Vault:
         )
 
 
+# Connections a VaultStore keeps open at once (each holds three files: the
+# vault, its WAL and its shared memory); past this, the least recently used
+# idle one is closed.
+MAX_OPEN_VAULTS = 256
+
+# A file whose modification time is this close to now may be written again
+# within the same timestamp tick, unseen: its stamp is not trusted yet.
+RACY_SECONDS = 2
+
+_Stamp = tuple[tuple[int, int, int, int] | None, ...]
+
+
+def _stamp(path: str) -> _Stamp | None:
+    """
+    What changes whenever the vault file at C{path} is written (every
+    commit goes to its WAL first, a checkpoint to the file): device, inode,
+    size and modification time of both.  An empty WAL counts as none: our
+    own connections create one on opening and remove it on closing, and it
+    holds nothing.  C{None} if the vault file is gone.
+    """
+    parts = []
+    for name in (path, path + "-wal"):
+        try:
+            status = os.stat(name)
+        except FileNotFoundError:
+            parts.append(None)
+            continue
+        if status.st_size == 0 and parts:
+            parts.append(None)
+            continue
+        parts.append((status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns))
+    return None if parts[0] is None else tuple(parts)
+
+
+def _settled(stamp: _Stamp) -> bool:
+    """
+    Whether C{stamp} is old enough to stand for the file: a write later in
+    the same timestamp tick would leave the same stamp.
+    """
+    limit = time.time_ns() - RACY_SECONDS * 1_000_000_000
+    return all(part is None or part[3] < limit for part in stamp)
+
+
 class _Slot:
     """
     The one connection this process keeps to one vault file, the lock that
     keeps two pool threads off it, and the identity (device, inode) of the
     file it was opened on.
+
+    C{clean_at} is the stamp of the files when the vault was last read with
+    nothing dirty, and C{epoch_at} the stamp and epoch last read: while the
+    files keep that stamp, the vault is not opened to ask again.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.vault: Vault | None = None
         self.identity: tuple[int, int] | None = None
+        self.clean_at: _Stamp | None = None
+        self.epoch_at: tuple[_Stamp, str | None] | None = None
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -597,12 +648,21 @@ class VaultStore:
 
     _log = Logger()
 
-    def __init__(self, data_dir: str, threadpool: ThreadPool, reactor) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        threadpool: ThreadPool,
+        reactor,
+        max_open: int = MAX_OPEN_VAULTS,
+    ) -> None:
         self._data_dir = data_dir
         self._threadpool = threadpool
         self._reactor = reactor
+        self._max_open = max_open
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
+        # Vaults with an open connection, least recently used first.
+        self._open_ids: OrderedDict[str, None] = OrderedDict()
         self._broken: set[str] = set()
         self._last_start: str | None = None
 
@@ -622,14 +682,49 @@ class VaultStore:
         path = vault_path(self._data_dir, vault_id)
         identity = _identity(path)
         if slot.vault is not None and identity != slot.identity:
-            slot.vault.close()
-            slot.vault = None
+            self._close_slot(vault_id, slot)
         if slot.vault is None:
             if identity is None and not create:
                 return None
             slot.vault = Vault.open(path, create=create)
             slot.identity = identity or _identity(path)
+        self._used(vault_id)
         return slot.vault
+
+    def _close_slot(self, vault_id: str, slot: _Slot) -> None:
+        """
+        With C{slot.lock} held: close its connection.
+        """
+        slot.vault.close()
+        slot.vault = None
+        with self._lock:
+            self._open_ids.pop(vault_id, None)
+
+    def _used(self, vault_id: str) -> None:
+        """
+        C{vault_id}'s connection was just used; close the least recently
+        used idle connections past C{max_open} (one in use by another
+        thread, or by this one in a batch, stays open for now).
+        """
+        with self._lock:
+            self._open_ids[vault_id] = None
+            self._open_ids.move_to_end(vault_id)
+            excess = len(self._open_ids) - self._max_open
+            if excess <= 0:
+                return
+            candidates = [(v, self._slots.get(v)) for v in self._open_ids if v != vault_id]
+        for other_id, other in candidates:
+            if other is None:  # being closed by close()
+                continue
+            if excess <= 0:
+                break
+            if other.lock.acquire(blocking=False):
+                try:
+                    if other.vault is not None:
+                        self._close_slot(other_id, other)
+                        excess -= 1
+                finally:
+                    other.lock.release()
 
     def _read(self, vault_id: str, function: Callable[[Vault], _T]) -> _T | None:
         """
@@ -691,11 +786,12 @@ class VaultStore:
                 break
             if vault_id in exclude:
                 continue
-            found = self._read(
+            found = self._read_unless_clean(
                 vault_id,
                 lambda vault: vault.dirty_entries(
                     max_entries - len(batch), max(max_bytes - size, 0)
                 ),
+                [],
             )
             if not found:
                 continue
@@ -711,6 +807,26 @@ class VaultStore:
             with self._lock:
                 self._last_start = first
         return batch
+
+    def _read_unless_clean(
+        self, vault_id: str, function: Callable[[Vault], _T], clean: _T
+    ) -> _T | None:
+        """
+        L{_read} of what the vault has dirty (C{function} returns C{clean}
+        when nothing is), unless it was read clean and its files have not
+        changed since: then C{clean} without opening it.  C{None} if the
+        vault is gone or cannot be read.
+        """
+        slot = self._slot(vault_id)
+        stamp = _stamp(vault_path(self._data_dir, vault_id))
+        if stamp is None:
+            return None
+        if stamp == slot.clean_at:
+            return clean
+        # The stamp is taken before the read: a write after it changes it.
+        found = self._read(vault_id, function)
+        slot.clean_at = stamp if found == clean and _settled(stamp) else None
+        return found
 
     def _drop_missing(self, ids: list[str]) -> None:
         """
@@ -799,10 +915,23 @@ class VaultStore:
     def _primary_epoch(self) -> int:
         epochs = [1]
         for vault_id in list_vault_ids(self._data_dir):
-            recorded = self._read(vault_id, lambda vault: vault.get_meta("epoch"))
+            recorded = self._vault_epoch(vault_id)
             if recorded is not None:
                 epochs.append(int(recorded))
         return max(epochs)
+
+    def _vault_epoch(self, vault_id: str) -> str | None:
+        """
+        The epoch recorded in a vault, read again only once its files
+        have changed.
+        """
+        slot = self._slot(vault_id)
+        stamp = _stamp(vault_path(self._data_dir, vault_id))
+        if stamp is not None and slot.epoch_at is not None and slot.epoch_at[0] == stamp:
+            return slot.epoch_at[1]
+        recorded = self._read(vault_id, lambda vault: vault.get_meta("epoch"))
+        slot.epoch_at = (stamp, recorded) if stamp is not None and _settled(stamp) else None
+        return recorded
 
     def backlog(self) -> "Deferred[dict[str, int]]":
         """
@@ -813,7 +942,7 @@ class VaultStore:
     def _backlog(self) -> dict[str, int]:
         counts = {}
         for vault_id in list_vault_ids(self._data_dir):
-            count = self._read(vault_id, Vault.count_dirty)
+            count = self._read_unless_clean(vault_id, Vault.count_dirty, 0)
             if count is not None:
                 counts[vault_id] = count
         return counts
@@ -826,13 +955,12 @@ class VaultStore:
 
     def _close(self) -> None:
         with self._lock:
-            slots = list(self._slots.values())
+            slots = list(self._slots.items())
             self._slots.clear()
-        for slot in slots:
+        for vault_id, slot in slots:
             with slot.lock:
                 if slot.vault is not None:
-                    slot.vault.close()
-                    slot.vault = None
+                    self._close_slot(vault_id, slot)
 
 
 def by_vault(entries: Iterable[Entry]) -> dict[str, list[Entry]]:

@@ -6,6 +6,9 @@ files, and the thread-pooled L{VaultStore} on a real reactor and thread pool.
 import os
 import sqlite3
 import stat
+import time
+import contextlib
+from unittest import SkipTest
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,9 +29,9 @@ from clavitor_twisted.vault import (
     VaultStore,
     is_vault_id,
     list_vault_ids,
-    written_vault_id,
     open_vault_for_writes,
     vault_path,
+    written_vault_id,
 )
 
 HEX = "0123456789abcdef"
@@ -815,6 +818,133 @@ class VaultStoreTests(TestCase):
         self.assertEqual(sum(results[0::3]), 10)
         backlog = yield self.store.backlog()
         self.assertEqual(backlog, {VAULT_A: 0})
+
+
+def files_open_in(directory):
+    """
+    How many file descriptors of this process are open on files in
+    C{directory} (Linux).
+    """
+    count = 0
+    directory = os.path.realpath(directory)
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.path.dirname(os.readlink(os.path.join("/proc/self/fd", fd))) == directory:
+                count += 1
+    return count
+
+
+def age(data_dir, vault_id, seconds=60):
+    """
+    Date a vault's files C{seconds} back, as if last written then.
+    """
+    path = vault_path(data_dir, vault_id)
+    for name in (path, path + "-wal"):
+        if os.path.exists(name):
+            when = time.time() - seconds
+            os.utime(name, (when, when))
+
+
+class OpenConnectionsTests(TestCase):
+    """
+    A store keeps at most C{max_open} connections, and does not open a
+    vault it has seen clean whose files have not changed since.
+    """
+
+    def setUp(self):
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="test-vault")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.data_dir = make_data_dir(self)
+        self.ids = ["%016x" % (n,) for n in range(1, 9)]
+        for vault_id in self.ids:
+            vault = open_vault_for_writes(Role.PRIMARY, self.data_dir, vault_id)
+            vault.put_entry("e", b"d", 1)
+            vault.close()
+        self.store = VaultStore(self.data_dir, self.pool, reactor, max_open=3)
+        self.addCleanup(self.store.close)
+        self.reads = []
+        original = Vault.dirty_entries
+
+        def counted(vault, *args):
+            self.reads.append(vault.vault_id)
+            return original(vault, *args)
+
+        self.patch(Vault, "dirty_entries", counted)
+
+    @inlineCallbacks
+    def drain(self):
+        while True:
+            batch = yield self.store.dirty_batch(100, 1 << 20)
+            if not batch:
+                return
+            yield self.store.mark_replicated(batch)
+
+    @inlineCallbacks
+    def test_at_most_max_open(self):
+        """
+        Reading eight vaults, then a backlog and an epoch of all of them,
+        leaves at most three connections (three files each) open.
+        """
+        if not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("no /proc/self/fd to count open files")
+        yield self.drain()
+        yield self.store.backlog()
+        yield self.store.primary_epoch()
+        self.assertLessEqual(files_open_in(self.data_dir), 3 * 3)
+        self.assertGreater(files_open_in(self.data_dir), 0)
+
+    @inlineCallbacks
+    def test_clean_vaults_not_read_again(self):
+        """
+        A vault read with nothing dirty, whose files were last written a
+        while ago, is not read again until a write changes its files; then
+        the write is found.
+        """
+        yield self.drain()
+        for vault_id in self.ids:
+            age(self.data_dir, vault_id)
+        batch = yield self.store.dirty_batch(100, 1 << 20)
+        self.assertEqual(batch, [])
+        self.reads.clear()
+        batch = yield self.store.dirty_batch(100, 1 << 20)
+        self.assertEqual((batch, self.reads), ([], []))
+        backlog = yield self.store.backlog()
+        self.assertEqual(backlog, {vault_id: 0 for vault_id in self.ids})
+
+        vault = open_vault_for_writes(Role.PRIMARY, self.data_dir, self.ids[5])
+        vault.put_entry("later", b"d", 2)
+        vault.close()
+        batch = yield self.store.dirty_batch(100, 1 << 20)
+        self.assertEqual([(e.vault_id, e.entry_id) for e in batch], [(self.ids[5], "later")])
+        self.assertEqual(self.reads, [self.ids[5]])
+
+    @inlineCallbacks
+    def test_recently_written_vaults_read_again(self):
+        """
+        Files written within RACY_SECONDS may be written again within the
+        same timestamp tick, leaving the same stamp: such a clean vault is
+        read on every scan until its stamp has settled.
+        """
+        yield self.drain()
+        self.reads.clear()
+        for _ in range(2):
+            batch = yield self.store.dirty_batch(100, 1 << 20)
+            self.assertEqual(batch, [])
+        self.assertEqual(len(self.reads), 2 * len(self.ids))
+
+    @inlineCallbacks
+    def test_epoch_read_again_after_a_change(self):
+        yield self.drain()
+        for vault_id in self.ids:
+            age(self.data_dir, vault_id)
+        epoch = yield self.store.primary_epoch()
+        self.assertEqual(epoch, 1)
+        vault = open_vault_for_writes(Role.PRIMARY, self.data_dir, self.ids[2])
+        vault.set_meta("epoch", "4")
+        vault.close()
+        epoch = yield self.store.primary_epoch()
+        self.assertEqual(epoch, 4)
 
 
 class ApplyBatchTests(TestCase):
