@@ -85,6 +85,9 @@ MAX_CONNECTIONS_PER_ADDRESS = 16
 # units of max_request_bytes.
 BODY_BUDGET_REQUESTS = 4
 
+# Digits of a Content-Length: the largest max_request_bytes has 10.
+_MAX_LENGTH_DIGITS = 18
+
 # Sent with every answer of the site.
 SECURITY_HEADERS = (
     (b"Content-Type", JSON_MEDIA_TYPE),
@@ -140,6 +143,8 @@ class _Attempt:
     names: frozenset[str]
     fingerprint: str | None
     certified: bool
+    # The names that are authorised POPs.
+    authorised: frozenset[str] = frozenset()
     claimed_pop: str | None = None
     proven_pop: str | None = None
     entries: int = 0
@@ -150,12 +155,17 @@ class _Attempt:
     @property
     def credential_keys(self) -> tuple[str, ...]:
         """
-        The client certificate itself, by fingerprint: not its names, which
-        other certificates may share (a common host name).
+        What the client certificate proves: the authorised POPs it names
+        (every certificate of a POP, a rotated one too, shares that POP's
+        ban and rate), else the certificate itself by fingerprint, never
+        other names, which other certificates may share (a common host
+        name).
         """
-        if self.certified and self.fingerprint is not None:
-            return ("cert:" + self.fingerprint,)
-        return ()
+        if not self.certified or self.fingerprint is None:
+            return ()
+        if self.authorised:
+            return _pop_keys(self.authorised)
+        return ("cert:" + self.fingerprint,)
 
     @property
     def admission_keys(self) -> tuple[str, ...]:
@@ -422,9 +432,11 @@ class TokenAuthentication:
 class _StrictChunkedDecoder(http._ChunkedTransferDecoder):
     """
     twisted.web's chunked decoder, refusing at once what it would wait on
-    until the request deadline: a chunk-size or trailer line ending in a
-    bare LF (it waits for a CRLF that never comes), and a chunk declared
-    larger than the body may still grow (it waits for the bytes).
+    until the request deadline: a chunk-size line ending in a bare LF (it
+    waits for a CRLF that never comes), and a chunk declared larger than
+    the body may still grow (it waits for the bytes).  Trailer fields are
+    refused too: the sender never sends any, and twisted.web does not check
+    their framing (a bare CR, folding, a NUL).
 
     C{announced} is told each chunk's declared size before its data.
     """
@@ -440,7 +452,7 @@ class _StrictChunkedDecoder(http._ChunkedTransferDecoder):
 
     def _refuse_bare_lf(self) -> None:
         # Every LF before _start was seen by an earlier call; the first LF
-        # after it ends the line being read.
+        # after it ends the chunk-size line.
         end = self._buffer.find(b"\n", self._start)
         if end != -1 and self._buffer[end - 1 : end] != b"\r":
             raise http._MalformedChunkedDataError("chunk line ends in a bare LF")
@@ -453,7 +465,8 @@ class _StrictChunkedDecoder(http._ChunkedTransferDecoder):
         return True
 
     def _dataReceived_TRAILER(self) -> bool:
-        self._refuse_bare_lf()
+        if not b"\r\n".startswith(self._buffer[:2]):
+            raise http._MalformedChunkedDataError("trailer fields after the last chunk")
         return super()._dataReceived_TRAILER()
 
 
@@ -493,6 +506,12 @@ class _ApiChannel(http.HTTPChannel):
         super().lineReceived(line)
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        """
+        Also refused: a Content-Length longer than any cap could need
+        (twisted.web would raise converting 5000 digits, unanswered).
+        """
+        if header == b"Content-Length" and len(data) > _MAX_LENGTH_DIGITS:
+            return self._failChooseTransferDecoder()
         proceed = super()._maybeChooseTransferDecoder(header, data)
         decoder = self._transferDecoder
         if proceed and type(decoder) is http._ChunkedTransferDecoder:
@@ -725,15 +744,16 @@ class _ApiRequest(server.Request):
         self._defences: Defences = channel.site.defences
         authentication = channel.site.authentication
         names, credential = authentication.identify(self.transport)
+        authorised = names & self._defences.authorized_pops
         self.attempt = _Attempt(
             peer=_peer(self),
             started=self._defences.clock.seconds(),
             names=names,
             fingerprint=credential,
             certified=authentication.certified,
-            # The authorised POPs the certificate proves, known whatever
-            # becomes of the request.
-            proven_pop=",".join(sorted(names & self._defences.authorized_pops)) or None,
+            authorised=authorised,
+            # Known whatever becomes of the request.
+            proven_pop=",".join(sorted(authorised)) or None,
         )
         self._cut_off = False
         self._gone = False

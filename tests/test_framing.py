@@ -394,6 +394,48 @@ class FramingTests(ReceiverTestCase):
             yield from self.framing_refused(request)
 
     @inlineCallbacks
+    def test_trailer_fields_refused(self):
+        """
+        Trailer fields after the last chunk are refused, well-formed or not
+        (a bare CR, CR CR LF, folding, a NUL), as soon as their first byte
+        is in: the sender never sends any, and twisted.web would take them
+        unchecked.
+        """
+        body = protocol.serialise(self.batch())
+        framed = b"%x\r\n%s\r\n0\r\n" % (len(body), body)
+        for trailer in (
+            b"X-Trailer: a\r\n\r\n",
+            b"X-Trailer: a\rb\r\n\r\n",
+            b"X-Trailer: a\r\r\n\r\n",
+            b"X-Trailer: a\r\n b\r\n\r\n",
+            b"X-Trailer: a\x00\r\n\r\n",
+            b"X",
+            b"\rX",
+        ):
+            request = http_request(
+                framed + trailer,
+                self.headers_of(body) + [(b"Transfer-Encoding", b"chunked")],
+                length=False,
+            )
+            yield from self.framing_refused(request)
+
+    @inlineCallbacks
+    def test_content_length_of_many_digits(self):
+        """
+        A Content-Length longer than any cap needs, up to more digits than
+        Python converts, is a 400 like any bad framing, audited, with no
+        traceback logged (twisted.web alone would drop the connection
+        unanswered and log an unhandled error).
+        """
+        body = protocol.serialise(self.batch())
+        for value in (b"1" * 5000, b"0" * 4999 + b"1", b"9" * 19):
+            request = http_request(
+                body, self.headers_of(body) + [(b"Content-Length", value)], length=False
+            )
+            yield from self.framing_refused(request)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @inlineCallbacks
     def test_head_lines_ending_in_bare_lf(self):
         """
         A request line or header ending in a bare LF is refused as soon as

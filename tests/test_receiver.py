@@ -1428,7 +1428,8 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
         """
         Failures over the partner's certificate ban the partner (not the
         POP its bodies claim, not the address they share with the primary):
-        the partner is refused with 403 before any signature work, the
+        the partner is refused with 403 before any signature work, with
+        that certificate or another one naming it (a rotated one), the
         primary behind the same address replicates on, and the ban lifts by
         itself after ban_duration.
         """
@@ -1438,7 +1439,7 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
         self.assertEqual([s for s, _, _ in responses], [401] * self.ban_after)
         self.assertTrue(
             self.records()[-1]["reason"].endswith(
-                "ban starts for " + self.certificate_key(PARTNER)
+                "ban starts for pop:" + PARTNER
             )
         )
         self.assertApplied((yield self.send(self.batch())), applied=3)
@@ -1451,8 +1452,18 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
             [response] = parse_responses(client.received)
             self.assertRawRefused(response, 403, "forbidden")
         self.assertEqual(
-            self.records()[-1]["reason"], "banned: " + self.certificate_key(PARTNER)
+            self.records()[-1]["reason"], "banned: pop:" + PARTNER
         )
+        rotated_dir = os.path.join(self.pki_dir, "rotated")
+        os.mkdir(rotated_dir)
+        self.identities[PARTNER] = tls.load_identity(
+            *pki.write_pop_files(rotated_dir, self.ca_key, self.ca_cert, PARTNER)
+        )
+        client = yield self.raw(
+            self.signed_request(self.partner_batch(), signer_pop=PARTNER), pop=PARTNER
+        )
+        [response] = parse_responses(client.received)
+        self.assertRawRefused(response, 403, "forbidden")
         self.assertEqual(list_vault_ids(self.data_dir), [VAULT_ID])
 
         later = self.batch(seq=8, timestamp=self.now())
@@ -1479,7 +1490,7 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
         self.assertRawRefused(response, 429, "rate_limited")
         self.assertEqual(
             self.records()[-1]["reason"],
-            "rate limit reached by " + self.certificate_key(PRIMARY),
+            "rate limit reached by pop:" + PRIMARY,
         )
         [response] = yield self.pipeline(
             [self.signed_request(self.partner_batch(), signer_pop=PARTNER, close=True)],
