@@ -333,29 +333,44 @@ class BodyBudget:
     The bytes of request bodies that may be held in memory at once, all
     requests together: each request reserves what it will hold before it
     holds it, and releases it when done, so that many requests each within
-    C{max_request_bytes} cannot add up to more than C{limit}.
+    C{max_request_bytes} cannot add up to more than C{limit}.  No one key
+    (a POP, or a peer address) may hold more than C{share} of it, so one
+    partner stalling its requests cannot starve the others.
     """
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
+    def __init__(self, limit: int, share: int | None = None) -> None:
+        if limit < 1 or (share is not None and not 1 <= share <= limit):
+            raise ValueError("limit must be at least 1, share between 1 and limit")
         self.limit = limit
+        self.share = limit if share is None else share
         self.in_use = 0
+        self._held: dict[str, int] = {}
 
-    def reserve(self, size: int) -> None:
+    def reserve(self, size: int, key: str) -> None:
         """
-        @raise NotReady: C{size} more bytes would exceed the budget.
+        @raise NotReady: C{size} more bytes would exceed the budget, or the
+            share of C{key}.
         """
-        if self.in_use + size > self.limit:
+        held = self._held.get(key, 0)
+        if self.in_use + size > self.limit or held + size > self.share:
             # Every held body ends within the request deadline; a second is
             # a fair first guess, and keeps the sender off its long ladder.
-            raise NotReady("body budget of all requests exhausted", retry_after=1)
+            raise NotReady(
+                "body budget exhausted (all requests, or those of %s)" % (key,),
+                retry_after=1,
+            )
         self.in_use += size
+        self._held[key] = held + size
 
-    def release(self, size: int) -> None:
-        if not 0 <= size <= self.in_use:
+    def release(self, size: int, key: str) -> None:
+        held = self._held.get(key, 0)
+        if not 0 <= size <= held:
             raise ValueError("released more than was reserved")
         self.in_use -= size
+        if held == size:
+            self._held.pop(key, None)
+        else:
+            self._held[key] = held - size
 
 
 class ConnectionLimit:

@@ -85,6 +85,9 @@ MAX_CONNECTIONS_PER_ADDRESS = 16
 # units of max_request_bytes.
 BODY_BUDGET_REQUESTS = 4
 
+# Of that, what the requests of one POP (or one peer address) may hold.
+BODY_SHARE_REQUESTS = 2
+
 # Digits of a Content-Length: the largest max_request_bytes has 10.
 _MAX_LENGTH_DIGITS = 18
 
@@ -177,10 +180,17 @@ class _Attempt:
     @property
     def charged_keys(self) -> tuple[str, ...]:
         """
-        Who a failed authentication is charged to: the certificate, else
-        the peer address.
+        Who a failed authentication is charged to: what the certificate
+        proves, else the peer address.
         """
         return self.credential_keys or (_address_key(self.peer),)
+
+    @property
+    def budget_key(self) -> str:
+        """
+        Whose share of the body budget the request's body takes.
+        """
+        return self.charged_keys[0]
 
     def describe(self, batch: protocol.Batch) -> None:
         self.claimed_pop = batch.source_pop
@@ -200,7 +210,10 @@ class Defences:
         self.max_request_bytes = security.max_request_bytes
         self.request_timeout = config.replication.request_timeout
         self.authorized_pops = frozenset(config.authorized_pops)
-        self.bodies = BodyBudget(BODY_BUDGET_REQUESTS * security.max_request_bytes)
+        self.bodies = BodyBudget(
+            BODY_BUDGET_REQUESTS * security.max_request_bytes,
+            BODY_SHARE_REQUESTS * security.max_request_bytes,
+        )
         self.connections = ConnectionLimit(MAX_CONNECTIONS_PER_ADDRESS)
         self.clock = clock
         self.audit = audit
@@ -773,7 +786,7 @@ class _ApiRequest(server.Request):
             self._defences.admit(self.attempt)
             self._discard = not self._credential_holds()
             if length is not None and not self._discard:
-                self._defences.bodies.reserve(length)
+                self._defences.bodies.reserve(length, self.attempt.budget_key)
                 self._reserved = length
         except RequestRefused as refusal:
             self._cut(refusal)
@@ -819,7 +832,7 @@ class _ApiRequest(server.Request):
             if self._discard:
                 return
             if self._chunked:
-                self._defences.bodies.reserve(len(data))
+                self._defences.bodies.reserve(len(data), self.attempt.budget_key)
                 self._reserved += len(data)
         except RequestRefused as refusal:
             self._cut(refusal)
@@ -835,7 +848,7 @@ class _ApiRequest(server.Request):
             self._cut(TooLarge("chunk of %d bytes declared past max_request_bytes" % (size,)))
 
     def _release_body(self) -> None:
-        self._defences.bodies.release(self._reserved)
+        self._defences.bodies.release(self._reserved, self.attempt.budget_key)
         self._reserved = 0
 
     def _cut(self, refusal: RequestRefused) -> None:

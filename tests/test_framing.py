@@ -15,11 +15,18 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 
 from clavitor_twisted import protocol
-from clavitor_twisted.receiver import BODY_BUDGET_REQUESTS, MAX_CONNECTIONS_PER_ADDRESS
+from clavitor_twisted.receiver import (
+    BODY_BUDGET_REQUESTS,
+    BODY_SHARE_REQUESTS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+)
 from clavitor_twisted.vault import list_vault_ids
 from tests.test_receiver import (
     ENTRIES,
     MAX_REQUEST_BYTES,
+    PARTNER,
+    PARTNER_VAULT_ID,
+    PRIMARY,
     VAULT_ID,
     ReceiverTestCase,
     _Collect,
@@ -545,15 +552,16 @@ class FramingTests(ReceiverTestCase):
         self.assertEqual([r["result"] for r in self.records()], ["applied", "malformed"])
 
     @inlineCallbacks
-    def hold(self, count, request=b"", source="127.0.0.1"):
+    def hold(self, count, request=b"", source="127.0.0.1", pop=PRIMARY):
         """
-        C{count} connections from C{source}, each having sent C{request}
-        and held open (closed at the end of the test).
+        C{count} connections from C{source} (as C{pop}, in mtls), each
+        having sent C{request} and held open (closed at the end of the
+        test).
         """
         holders = []
         for _ in range(count):
             holder = _Holder(request)
-            yield self.connect(holder, source=source)
+            yield self.connect(holder, pop=pop, source=source)
             yield holder.ready
             holders.append(holder)
         self.addCleanup(self.release, holders)
@@ -584,23 +592,40 @@ class FramingTests(ReceiverTestCase):
         self.assertOnlyRecord("forbidden", 403, 0)
         self.assertEqual(self.site.defences.bodies.in_use, 0)
 
+    def other_peer(self):
+        """
+        How a second partner connects: with its own certificate (mtls, where
+        the budget share is the POP's), or from another address (bearer).
+        """
+        if self.method == "mtls":
+            return {"pop": PARTNER}
+        return {"source": "127.0.0.2"}
+
+    def partner_request(self):
+        entries = [dataclasses.replace(e, vault_id=PARTNER_VAULT_ID) for e in ENTRIES]
+        batch = self.batch(source_pop=PARTNER, entries=entries)
+        return self.signed_request(batch, signer_pop=PARTNER, close=True)
+
     @inlineCallbacks
     def test_body_budget_across_requests(self):
         """
-        Requests holding BODY_BUDGET_REQUESTS full bodies between them use
-        the whole budget: one more declaring a body gets 503 at the
-        headers, a chunked one is cut off with 503 at its first chunk.
-        Once they are gone the budget is free again and a batch applies.
+        Requests holding BODY_BUDGET_REQUESTS full bodies between them (two
+        partners, each its share) use the whole budget: one more declaring a
+        body gets 503 at the headers, a chunked one is cut off with 503 at
+        its first chunk.  Once they are gone the budget is free again and a
+        batch applies.
         """
         budget = self.site.defences.bodies
         body, headers = self.padded(MAX_REQUEST_BYTES)
         head = http_request(body, headers)[: -len(body)]
-        holders = yield self.hold(BODY_BUDGET_REQUESTS, head + body[:10])
+        holders = yield self.hold(BODY_SHARE_REQUESTS, head + body[:10])
+        holders += yield self.hold(BODY_SHARE_REQUESTS, head + body[:10], **self.other_peer())
         yield until(lambda: budget.in_use == budget.limit)
         self.assertEqual(budget.limit, BODY_BUDGET_REQUESTS * MAX_REQUEST_BYTES)
+        self.assertEqual(BODY_BUDGET_REQUESTS, 2 * BODY_SHARE_REQUESTS)
 
         small = self.signed_request(self.batch(), close=True)
-        client = yield self.raw(small, alone=False)
+        client = yield self.raw(small, alone=False, source="127.0.0.3")
         self.assertClosedAfter(client, 503, "unavailable")
         [retry_after] = parse_responses(client.received)[0][1][b"retry-after"]
         self.assertEqual(retry_after, b"1")
@@ -610,7 +635,7 @@ class FramingTests(ReceiverTestCase):
             headers + [(b"Transfer-Encoding", b"chunked")],
             length=False,
         )
-        client = yield self.raw(chunked_request, alone=False)
+        client = yield self.raw(chunked_request, alone=False, source="127.0.0.3")
         self.assertClosedAfter(client, 503, "unavailable")
         self.assertEqual(budget.in_use, budget.limit)
 
@@ -619,6 +644,24 @@ class FramingTests(ReceiverTestCase):
         [response] = yield self.pipeline([small])
         self.assertEqual(response[0], 200, response[2])
         self.assertEqual(budget.in_use, 0)
+
+    @inlineCallbacks
+    def test_one_partner_cannot_take_the_whole_budget(self):
+        """
+        A partner stalling requests that hold full bodies gets no more than
+        its share (503 for its next one); another partner's batch still has
+        room and is applied.
+        """
+        budget = self.site.defences.bodies
+        body, headers = self.padded(MAX_REQUEST_BYTES)
+        head = http_request(body, headers)[: -len(body)]
+        yield self.hold(BODY_SHARE_REQUESTS, head + body[:10])
+        yield until(lambda: budget.in_use == budget.share)
+        client = yield self.raw(self.signed_request(self.batch(), close=True), alone=False)
+        self.assertClosedAfter(client, 503, "unavailable")
+        client = yield self.raw(self.partner_request(), alone=False, **self.other_peer())
+        [response] = parse_responses(client.received)
+        self.assertEqual(response[0], 200, response[2])
 
     @inlineCallbacks
     def test_connections_per_address(self):

@@ -594,25 +594,46 @@ class BodyBudgetTests(SynchronousTestCase):
         (NotReady, 503) and reserves nothing; a release makes room again.
         """
         budget = BodyBudget(100)
-        budget.reserve(60)
-        budget.reserve(40)
-        self.assertRaises(NotReady, budget.reserve, 1)
+        budget.reserve(60, "a")
+        budget.reserve(40, "b")
+        self.assertRaises(NotReady, budget.reserve, 1, "c")
         self.assertEqual(budget.in_use, 100)
-        budget.release(40)
-        self.assertRaises(NotReady, budget.reserve, 41)
-        budget.reserve(40)
-        budget.release(100)
+        budget.release(40, "b")
+        self.assertRaises(NotReady, budget.reserve, 41, "c")
+        budget.reserve(40, "c")
+        budget.release(60, "a")
+        budget.release(40, "c")
         self.assertEqual(budget.in_use, 0)
+
+    def test_share_per_key(self):
+        """
+        One key holds at most its share, whatever room is left; the others
+        still get theirs, and a key's release gives it room again.
+        """
+        budget = BodyBudget(100, share=50)
+        budget.reserve(30, "pop:calgary-01")
+        budget.reserve(20, "pop:calgary-01")
+        error = self.assertRaises(NotReady, budget.reserve, 1, "pop:calgary-01")
+        self.assertEqual(error.retry_after, 1)
+        self.assertIn("pop:calgary-01", error.detail)
+        budget.reserve(50, "pop:paris-01")
+        self.assertEqual(budget.in_use, 100)
+        budget.release(20, "pop:calgary-01")
+        budget.reserve(10, "pop:calgary-01")
+        self.assertRaises(NotReady, budget.reserve, 11, "pop:calgary-01")
 
     def test_release_more_than_reserved(self):
         budget = BodyBudget(10)
-        budget.reserve(5)
-        self.assertRaises(ValueError, budget.release, 6)
-        self.assertRaises(ValueError, budget.release, -1)
+        budget.reserve(5, "a")
+        self.assertRaises(ValueError, budget.release, 6, "a")
+        self.assertRaises(ValueError, budget.release, 1, "b")
+        self.assertRaises(ValueError, budget.release, -1, "a")
         self.assertEqual(budget.in_use, 5)
 
     def test_bad_limit(self):
         self.assertRaises(ValueError, BodyBudget, 0)
+        self.assertRaises(ValueError, BodyBudget, 10, 0)
+        self.assertRaises(ValueError, BodyBudget, 10, 11)
 
 
 class ConnectionLimitTests(SynchronousTestCase):
