@@ -57,7 +57,9 @@ class AuditRecord:
     C{time} is when it began and C{duration} how long it took (seconds);
     C{backup_clock} is this POP's clock and C{request_timestamp} the one the
     request claims, to make skew visible.  C{result} is the refusal's word
-    or C{"applied"}; C{reason} the private detail.
+    or C{"applied"}; C{reason} the private detail.  C{count} is how many
+    attempts the record stands for: more than 1 only for refused
+    connections counted together (see L{clavitor_twisted.guard.RefusalDigest}).
     """
 
     time: float
@@ -75,6 +77,7 @@ class AuditRecord:
     request_timestamp: int | None
     auth_failure: bool
     fingerprint: str | None
+    count: int = 1
 
 
 def _escape_surrogate(match: re.Match[str]) -> str:
@@ -171,9 +174,9 @@ class AuditLog:
         """
         fields = _fields(attempt)
         fields["logged_at"] = _json_value(self._clock.seconds())
-        self.results[fields["result"]] += 1
+        self.results[fields["result"]] += attempt.count
         if attempt.auth_failure:
-            self.auth_failures += 1
+            self.auth_failures += attempt.count
         if fields["result"] == "applied":
             self.entries_applied += attempt.entries
         written = self._fd is not None and self._write(fields)

@@ -118,6 +118,9 @@ class SecurityConfig:
     max_request_bytes: int = 32 * MiB
     max_entry_bytes: int = 1 * MiB
     clock_skew: int = 30
+    # New connections, per peer address, before any TLS work: a primary
+    # keeps its connections open, so it needs a few.
+    connections_per_minute: int = 600
 
 
 @dataclass(frozen=True)
@@ -497,6 +500,7 @@ def _security(value: Any, path: KeyPath) -> SecurityConfig:
             {
                 "audit_log": _absolute_path,
                 "rate_limit_per_minute": _integer(1, 100_000),
+                "connections_per_minute": _integer(1, 100_000),
                 "ban_after_failures": _integer(1, 1000),
                 "ban_duration": _integer(1, 7 * 86400),
                 "max_request_bytes": _integer(1024, 1024 * MiB),

@@ -10,6 +10,8 @@ minute, and L{BanList} refuses a key for a while after repeated failed
 authentications (DESIGN.md rule 10).  L{BodyBudget} bounds the request
 bodies held in memory at once, across all requests, and
 L{ConnectionLimit} the connections open at once from one peer address.
+L{RefusalDigest} keeps a flood of refused connections from writing one
+audit line each.
 
 Each holds at most C{capacity} keys and forgets what no longer matters on
 its own, lazily, on the next call.  When full, none of them evicts state
@@ -19,8 +21,9 @@ what a flood of new keys would be sent to achieve.
 
 import heapq
 from collections import OrderedDict, deque
+from typing import Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from clavitor_twisted.errors import Forbidden, NotReady, RateLimited, StaleRequest
 
@@ -371,6 +374,70 @@ class BodyBudget:
             self._held.pop(key, None)
         else:
             self._held[key] = held - size
+
+
+class RefusalDigest:
+    """
+    Refusals of one kind that come as fast as a peer can connect (too
+    many connections, connecting too often, a failed TLS handshake): per
+    key, the first in a window is told at once, and the ones after it are
+    counted and told as one count when the window ends.  A flood costs two
+    audit lines a window per key, not one per connection.
+
+    At most C{capacity} keys are tracked; the refusals of any key beyond
+    are counted under L{OVERFLOW}, so memory stays bounded.
+    """
+
+    OVERFLOW = "*"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        window: int,
+        tell_count: Callable[[str, int], None],
+        capacity: int = 10_000,
+    ) -> None:
+        if window < 1 or capacity < 1:
+            raise ValueError("window and capacity must be at least 1")
+        self._clock = clock
+        self._window = window
+        self._tell_count = tell_count
+        self._capacity = capacity
+        self._counts: dict[str, int] = {}
+        self._flushes: dict[str, IDelayedCall] = {}
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def refused(self, key: str) -> bool:
+        """
+        Count one refusal of C{key}: C{True} if it is the first of its
+        window and is to be told now.
+        """
+        if key not in self._counts and len(self._counts) >= self._capacity:
+            key = self.OVERFLOW
+        if key in self._counts:
+            self._counts[key] += 1
+            return False
+        # The first refusal of an overflow window is not told alone.
+        told = key != self.OVERFLOW
+        self._counts[key] = 0 if told else 1
+        self._flushes[key] = self._clock.callLater(self._window, self._flush, key)
+        return told
+
+    def _flush(self, key: str) -> None:
+        del self._flushes[key]
+        count = self._counts.pop(key)
+        if count:
+            self._tell_count(key, count)
+
+    def stop(self) -> None:
+        """
+        Tell every count now and cancel the windows (the site is going).
+        """
+        for key in list(self._flushes):
+            self._flushes[key].cancel()
+            self._flush(key)
 
 
 class ConnectionLimit:

@@ -33,6 +33,7 @@ import hmac
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from io import BytesIO
 from typing import Any, Callable, Iterable, Protocol
 
@@ -58,6 +59,7 @@ from clavitor_twisted.errors import (
     Malformed,
     MethodNotAllowed,
     NotReady,
+    RateLimited,
     RequestRefused,
     TooLarge,
     UnsupportedMediaType,
@@ -68,6 +70,7 @@ from clavitor_twisted.guard import (
     ConnectionLimit,
     NonceCache,
     RateLimiter,
+    RefusalDigest,
 )
 from clavitor_twisted.tokens import TokenSource
 from clavitor_twisted.vault import VaultStore
@@ -84,6 +87,16 @@ MAX_CONNECTIONS_PER_ADDRESS = 16
 # The request bodies all requests together may hold in memory at once, in
 # units of max_request_bytes.
 BODY_BUDGET_REQUESTS = 4
+
+# Connections refused before any request, by the result word audited; True
+# for those that count as failed authentications.  Each is audited once per
+# address per REFUSAL_DIGEST_SECONDS, then counted.
+CONNECTION_REFUSALS = {
+    "too_many_connections": False,
+    "connection_rate_limited": False,
+    "tls_refused": True,
+}
+REFUSAL_DIGEST_SECONDS = 60
 
 # Of that, what the requests of one POP (or one peer address) may hold.
 BODY_SHARE_REQUESTS = 2
@@ -222,6 +235,49 @@ class Defences:
         self.nonces = NonceCache(
             clock, config.replication.max_request_age, security.clock_skew
         )
+        # Connections per minute from one address, checked before the TLS
+        # handshake: the most expensive thing a stranger can make us do.
+        self.connection_rates = RateLimiter(clock, security.connections_per_minute)
+        self._digests = {
+            result: RefusalDigest(
+                clock, REFUSAL_DIGEST_SECONDS, partial(self._tell_count, result)
+            )
+            for result in CONNECTION_REFUSALS
+        }
+
+    def refused_connection(
+        self, result: str, attempt: _Attempt, reason: str, auth_failure: bool = False
+    ) -> None:
+        """
+        Audit a connection refused before any request (C{result} one of
+        L{CONNECTION_REFUSALS}), unless its address had one refused like it
+        within the window: that one is counted, and told with the others
+        when the window ends.
+        """
+        if self._digests[result].refused(attempt.peer):
+            self.record(attempt, 0, result, reason, auth_failure)
+
+    def _tell_count(self, result: str, address: str, count: int) -> None:
+        now = self.clock.seconds()
+        attempt = _Attempt(
+            peer=address, started=now, names=frozenset(), fingerprint=None, certified=False
+        )
+        self.record(
+            attempt,
+            0,
+            result,
+            "%d more connections refused like this within %d s"
+            % (count, REFUSAL_DIGEST_SECONDS),
+            auth_failure=CONNECTION_REFUSALS[result],
+            count=count,
+        )
+
+    def stop(self) -> None:
+        """
+        The site stops listening: audit what the digests still count.
+        """
+        for digest in self._digests.values():
+            digest.stop()
 
     def admit(self, attempt: _Attempt) -> None:
         """
@@ -273,6 +329,7 @@ class Defences:
         result: str,
         reason: str,
         auth_failure: bool = False,
+        count: int = 1,
     ) -> None:
         now = self.clock.seconds()
         self.audit.record(
@@ -292,6 +349,7 @@ class Defences:
                 request_timestamp=attempt.request_timestamp,
                 auth_failure=auth_failure,
                 fingerprint=attempt.fingerprint,
+                count=count,
             )
         )
 
@@ -541,27 +599,31 @@ class _ApiChannel(http.HTTPChannel):
         is dropped at once, before a byte of it is read.
         """
         super().connectionMade()
-        self._connected_at = self.site.defences.clock.seconds()
+        defences = self.site.defences
+        self._connected_at = defences.clock.seconds()
         peer = self.transport.getPeer()
         address = getattr(peer, "host", str(peer))
-        if self.site.defences.connections.acquire(address):
+        try:
+            defences.connection_rates.check(_address_key(address))
+        except RateLimited as refusal:
+            self._drop("connection_rate_limited", refusal.detail)
+            return
+        if defences.connections.acquire(address):
             self._counted = address
             self._start_deadline()
             return
-        log.warn(
-            "dropped a connection from {peer}: {limit} already open from it",
-            peer=address,
-            limit=MAX_CONNECTIONS_PER_ADDRESS,
+        self._drop(
+            "too_many_connections",
+            "%d connections already open from this address" % (MAX_CONNECTIONS_PER_ADDRESS,),
         )
+
+    def _drop(self, result: str, reason: str) -> None:
+        """
+        Drop the connection just made, before its TLS handshake.
+        """
         self._closing = True
         self.transport.abortConnection()
-        self.site.defences.record(
-            self._bare_attempt(),
-            status=0,
-            result="too_many_connections",
-            reason="%d connections already open from this address"
-            % (MAX_CONNECTIONS_PER_ADDRESS,),
-        )
+        self.site.defences.refused_connection(result, self._bare_attempt(), reason)
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -677,11 +739,10 @@ class _ApiChannel(http.HTTPChannel):
         is charged to no ban: that would let a stranger behind a partner's
         address get the partner banned.
         """
-        self.site.defences.record(
+        self.site.defences.refused_connection(
+            "tls_refused",
             self._bare_attempt(),
-            status=0,
-            result="tls_refused",
-            reason="TLS handshake refused: " + reason.getErrorMessage(),
+            "TLS handshake refused: " + reason.getErrorMessage(),
             auth_failure=True,
         )
 
@@ -1111,6 +1172,10 @@ class _ApiSite(server.Site):
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.defences = defences
         self.authentication = authentication
+
+    def stopFactory(self) -> None:
+        self.defences.stop()
+        super().stopFactory()
 
 
 def _peer(request: IRequest) -> str:

@@ -151,6 +151,7 @@ class AuditFileTests(SynchronousTestCase):
                 "request_timestamp": START - 1,
                 "auth_failure": False,
                 "fingerprint": None,
+                "count": 1,
                 "logged_at": START,
             },
         )

@@ -195,6 +195,7 @@ class ValidConfigTests(ConfigTestCase):
                     "max_request_bytes": 2048,
                     "max_entry_bytes": 2048,
                     "clock_skew": 0,
+                    "connections_per_minute": 5,
                 },
                 listen={"address": "::1", "port": 9443},
                 authorized_pops=["zurich-01", "vienna-02"],
@@ -206,7 +207,7 @@ class ValidConfigTests(ConfigTestCase):
         self.assertEqual(config.replication, ReplicationConfig(10000, 0, 3600, 10, 1, 1024))
         self.assertEqual(
             config.security,
-            SecurityConfig("/var/log/clavitor/replication.log", 1, 3, 60, 2048, 2048, 0),
+            SecurityConfig("/var/log/clavitor/replication.log", 1, 3, 60, 2048, 2048, 0, 5),
         )
         self.assertEqual(config.listen, ListenConfig("::1", 9443))
         self.assertEqual(config.authorized_pops, ("zurich-01", "vienna-02"))

@@ -9,16 +9,19 @@ accepted.
 """
 
 import dataclasses
+import os
+from unittest import SkipTest
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 
-from clavitor_twisted import protocol
+from clavitor_twisted import pki, protocol, tls
 from clavitor_twisted.receiver import (
     BODY_BUDGET_REQUESTS,
     BODY_SHARE_REQUESTS,
     MAX_CONNECTIONS_PER_ADDRESS,
+    REFUSAL_DIGEST_SECONDS,
 )
 from clavitor_twisted.vault import list_vault_ids
 from tests.test_receiver import (
@@ -670,12 +673,13 @@ class FramingTests(ReceiverTestCase):
         one more is dropped at once, unanswered; another address is served.
         """
         yield self.hold(MAX_CONNECTIONS_PER_ADDRESS)
-        dropped = yield self.raw(self.signed_request(self.batch()), alone=False)
-        self.assertEqual(dropped.received, b"")
+        for _ in range(3):
+            dropped = yield self.raw(self.signed_request(self.batch()), alone=False)
+            self.assertEqual(dropped.received, b"")
         [record] = self.records()
         self.assertEqual(
-            (record["result"], record["status"], record["peer"]),
-            ("too_many_connections", 0, "127.0.0.1"),
+            (record["result"], record["status"], record["peer"], record["count"]),
+            ("too_many_connections", 0, "127.0.0.1", 1),
         )
         client = yield self.raw(
             self.signed_request(self.batch(), close=True), source="127.0.0.2", alone=False
@@ -683,6 +687,79 @@ class FramingTests(ReceiverTestCase):
         [response] = parse_responses(client.received)
         self.assertEqual(response[0], 200, response[2])
         self.assertEqual(len(self.stored()[0]), 3)
+        self.assertDigested("too_many_connections", 2)
+
+    def assertDigested(self, result, count, auth_failure=False):
+        """
+        When the digest window ends, one record counts the C{count} more
+        connections refused as C{result} since the first.
+        """
+        before = len(self.records())
+        self.clock.advance(REFUSAL_DIGEST_SECONDS)
+        [summary] = self.records()[before:]
+        self.assertEqual(
+            (summary["result"], summary["count"], summary["peer"], summary["auth_failure"]),
+            (result, count, "127.0.0.1", auth_failure),
+        )
+        self.assertEqual(
+            summary["reason"],
+            "%d more connections refused like this within %d s" % (count, REFUSAL_DIGEST_SECONDS),
+        )
+
+    @inlineCallbacks
+    def test_connection_rate_per_address(self):
+        """
+        Connections beyond connections_per_minute from one address are
+        dropped before their TLS handshake, unanswered; one is audited, the
+        rest counted; another address is served, and so is this one once
+        its bucket has a token again.
+        """
+        config = dataclasses.replace(
+            self.config,
+            security=dataclasses.replace(self.config.security, connections_per_minute=3),
+        )
+        yield self.serve(self.store, config=config)
+        request = http_request(method=b"GET", close=True)
+        for _ in range(3):
+            client = yield self.raw(request, alone=False)
+            self.assertEqual(parse_responses(client.received)[0][0], 405)
+        for _ in range(4):
+            client = _Holder(request)
+            yield self.connect(client)
+            yield client.lost
+            self.assertEqual((client.received, client.ready.called), (b"", False))
+        rate_limited = [r for r in self.records() if r["result"] == "connection_rate_limited"]
+        self.assertEqual([r["peer"] for r in rate_limited], ["127.0.0.1"])
+        client = yield self.raw(request, source="127.0.0.2", alone=False)
+        self.assertEqual(parse_responses(client.received)[0][0], 405)
+        self.assertDigested("connection_rate_limited", 3)
+        client = yield self.raw(request, alone=False)
+        self.assertEqual(parse_responses(client.received)[0][0], 405)
+
+    @inlineCallbacks
+    def test_tls_refusals_digested(self):
+        """
+        Handshakes refused (a certificate of another CA) are audited as
+        failed authentications, the first at once and the rest counted
+        together, so a flood of them writes two lines a minute, and the
+        failures are all counted.
+        """
+        if self.method != "mtls":
+            raise SkipTest("bearer mode asks for no client certificate to refuse")
+        other_dir = os.path.join(self.pki_dir, "other-ca")
+        os.mkdir(other_dir)
+        other_key, other_ca = pki.make_ca()
+        self.identities["impostor"] = tls.load_identity(
+            *pki.write_pop_files(other_dir, other_key, other_ca, PRIMARY)
+        )
+        for _ in range(5):
+            client = yield self.raw(self.signed_request(self.batch()), pop="impostor")
+            self.assertEqual(client.received, b"")
+        [record] = self.records()
+        self.assertEqual((record["result"], record["auth_failure"]), ("tls_refused", True))
+        self.assertDigested("tls_refused", 4, auth_failure=True)
+        self.assertEqual(self.audit.auth_failures, 5)
+        self.assertEqual(self.audit.results["tls_refused"], 5)
 
     def channel(self):
         [connection] = self.factory.protocols

@@ -14,6 +14,7 @@ from clavitor_twisted.errors import Forbidden, NotReady, RateLimited, StaleReque
 from clavitor_twisted.guard import (
     BanList,
     BodyBudget,
+    RefusalDigest,
     ConnectionLimit,
     NonceCache,
     RateLimiter,
@@ -634,6 +635,57 @@ class BodyBudgetTests(SynchronousTestCase):
         self.assertRaises(ValueError, BodyBudget, 0)
         self.assertRaises(ValueError, BodyBudget, 10, 0)
         self.assertRaises(ValueError, BodyBudget, 10, 11)
+
+
+class RefusalDigestTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.told = []
+        self.digest = RefusalDigest(
+            self.clock, 60, lambda key, count: self.told.append((self.clock.seconds(), key, count)),
+            capacity=2,
+        )
+
+    def test_first_told_rest_counted(self):
+        """
+        The first refusal of a key is told at once; the ones within its
+        window are counted and told as one count when the window ends;
+        the next refusal starts a new window.
+        """
+        self.assertTrue(self.digest.refused("a"))
+        self.clock.advance(59)
+        self.assertEqual([self.digest.refused("a") for _ in range(5)], [False] * 5)
+        self.assertTrue(self.digest.refused("b"))
+        self.assertEqual(self.told, [])
+        self.clock.advance(1)
+        self.assertEqual(self.told, [(60, "a", 5)])
+        self.assertTrue(self.digest.refused("a"))
+        self.clock.advance(59)
+        self.assertEqual(self.told, [(60, "a", 5)])
+        self.assertEqual(len(self.digest), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.digest), 0)
+        self.assertEqual(self.told, [(60, "a", 5)])
+
+    def test_keys_beyond_capacity_counted_together(self):
+        """
+        With C{capacity} keys in their windows, refusals of further keys
+        are counted under OVERFLOW and never told one by one.
+        """
+        self.digest.refused("a")
+        self.digest.refused("b")
+        self.assertEqual([self.digest.refused(k) for k in ("c", "d", "e")], [False] * 3)
+        self.clock.advance(60)
+        self.assertEqual(self.told, [(60, RefusalDigest.OVERFLOW, 3)])
+        self.assertEqual(len(self.digest), 0)
+
+    def test_stop_tells_the_counts(self):
+        self.digest.refused("a")
+        self.digest.refused("a")
+        self.digest.refused("b")
+        self.digest.stop()
+        self.assertEqual(self.told, [(0, "a", 1)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class ConnectionLimitTests(SynchronousTestCase):

@@ -117,6 +117,7 @@ AUDIT_FIELDS = {
     "request_timestamp",
     "auth_failure",
     "fingerprint",
+    "count",
     "logged_at",
 }
 
