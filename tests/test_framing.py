@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 
 from clavitor_twisted import pki, protocol, tls
-from clavitor_twisted.receiver import (
+from clavitor_twisted.defences import (
     BODY_BUDGET_REQUESTS,
     BODY_SHARE_REQUESTS,
     MAX_CONNECTIONS_PER_ADDRESS,

@@ -23,7 +23,7 @@ from clavitor_twisted.role import Role
 from clavitor_twisted.vault import open_vault_for_writes
 from clavitor_twisted.audit import AuditLog, AuditRecord
 from clavitor_twisted.config import parse_config
-from clavitor_twisted.receiver import Defences
+from clavitor_twisted.defences import Defences
 from clavitor_twisted.sender import SenderStatus
 from tests.test_config import BACKUP, document
 from tests.test_service import Pop

@@ -3,6 +3,7 @@ Tests for clavitor_twisted.watch: which file changes wake the sender and
 how often (on a fake clock), and a real inotify watch on a directory.
 """
 
+import importlib
 import os
 
 from twisted.internet import reactor
@@ -71,7 +72,7 @@ class InotifyTests(TestCase):
 
     def setUp(self):
         try:
-            from twisted.internet import inotify  # noqa: F401
+            importlib.import_module("twisted.internet.inotify")
         except ImportError:
             raise self.skipTest("no inotify on this platform")
         self.directory = os.path.abspath(self.mktemp())

@@ -1,0 +1,287 @@
+# -*- test-case-name: tests.test_receiver,tests.test_framing -*-
+"""
+What the backup knows about each attempt and the guards it checks them
+against: L{Attempt}, filled in as a request goes, and L{Defences}, the
+guard objects of one site (bans, rates, nonces, the body budget, the
+connection limits) with the few calls the receiver makes to them, and
+the audit records they end in.
+
+A failed authentication is charged to what the TLS client certificate
+proves (the authorised POPs it names, else the certificate by
+fingerprint: names such as a common host name may be shared by several
+certificates), or else to the peer address (never to an unverified claim),
+so one POP's failures never ban another.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from clavitor_twisted import protocol
+from clavitor_twisted.audit import AuditLog, AuditRecord
+from clavitor_twisted.config import Config
+from clavitor_twisted.errors import Forbidden, RequestRefused
+from clavitor_twisted.guard import (
+    BanList,
+    BodyBudget,
+    ConnectionLimit,
+    NonceCache,
+    RateLimiter,
+    RefusalDigest,
+)
+
+# Connections one peer address may hold open at once: a partner needs one or
+# two, and each costs a TLS session and a request in memory.
+MAX_CONNECTIONS_PER_ADDRESS = 16
+
+# The request bodies all requests together may hold in memory at once, in
+# units of max_request_bytes.
+BODY_BUDGET_REQUESTS = 4
+
+# Of that, what the requests of one POP (or one peer address) may hold.
+BODY_SHARE_REQUESTS = 2
+
+# Connections refused before any request, by the result word audited; True
+# for those that count as failed authentications.  Each is audited once per
+# address per REFUSAL_DIGEST_SECONDS, then counted.
+CONNECTION_REFUSALS = {
+    "too_many_connections": False,
+    "connection_rate_limited": False,
+    "tls_refused": True,
+}
+REFUSAL_DIGEST_SECONDS = 60
+
+log = Logger()
+
+
+class _UnauthorisedCertificate(Forbidden):
+    """
+    A client certificate none of whose names is an authorised POP: it
+    proves the peer is not a partner, so it counts as a failed
+    authentication of that certificate.
+    """
+
+    counts_as_auth_failure = True
+
+
+def address_key(address: str) -> str:
+    return "address:" + address
+
+
+def pop_keys(pops: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted("pop:" + pop for pop in pops))
+
+
+
+@dataclass
+class Attempt:
+    """
+    What the audit log says about one request, filled in as it goes.
+
+    C{names} are the POPs the connection itself proves (the TLS client
+    certificate's names in C{mtls}, where C{certified}), known before any
+    request is read.
+    """
+
+    peer: str
+    started: float
+    names: frozenset[str]
+    fingerprint: str | None
+    certified: bool
+    # The names that are authorised POPs.
+    authorised: frozenset[str] = frozenset()
+    claimed_pop: str | None = None
+    proven_pop: str | None = None
+    entries: int = 0
+    vaults: int = 0
+    bytes: int = 0
+    request_timestamp: int | None = None
+
+    @property
+    def credential_keys(self) -> tuple[str, ...]:
+        """
+        What the client certificate proves: the authorised POPs it names
+        (every certificate of a POP, a rotated one too, shares that POP's
+        ban and rate), else the certificate itself by fingerprint, never
+        other names, which other certificates may share (a common host
+        name).
+        """
+        if not self.certified or self.fingerprint is None:
+            return ()
+        if self.authorised:
+            return pop_keys(self.authorised)
+        return ("cert:" + self.fingerprint,)
+
+    @property
+    def admission_keys(self) -> tuple[str, ...]:
+        """
+        What is checked for bans and rate as soon as the headers are in.
+        """
+        return (address_key(self.peer),) + self.credential_keys
+
+    @property
+    def charged_keys(self) -> tuple[str, ...]:
+        """
+        Who a failed authentication is charged to: what the certificate
+        proves, else the peer address.
+        """
+        return self.credential_keys or (address_key(self.peer),)
+
+    @property
+    def budget_key(self) -> str:
+        """
+        Whose share of the body budget the request's body takes.
+        """
+        return self.charged_keys[0]
+
+    def describe(self, batch: protocol.Batch) -> None:
+        self.claimed_pop = batch.source_pop
+        self.entries = len(batch.entries)
+        self.vaults = len({entry.vault_id for entry in batch.entries})
+        self.request_timestamp = batch.timestamp
+
+
+class Defences:
+    """
+    The guard objects and the audit log of one site, and the few calls the
+    receiver makes to them.
+    """
+
+    def __init__(self, config: Config, clock: IReactorTime, audit: AuditLog) -> None:
+        security = config.security
+        self.max_request_bytes = security.max_request_bytes
+        self.request_timeout = config.replication.request_timeout
+        self.authorized_pops = frozenset(config.authorized_pops)
+        self.bodies = BodyBudget(
+            BODY_BUDGET_REQUESTS * security.max_request_bytes,
+            BODY_SHARE_REQUESTS * security.max_request_bytes,
+        )
+        self.connections = ConnectionLimit(MAX_CONNECTIONS_PER_ADDRESS)
+        self.clock = clock
+        self.audit = audit
+        self.bans = BanList(clock, security.ban_after_failures, security.ban_duration)
+        self.rates = RateLimiter(clock, security.rate_limit_per_minute)
+        self.nonces = NonceCache(
+            clock, config.replication.max_request_age, security.clock_skew
+        )
+        # Connections per minute from one address, checked before the TLS
+        # handshake: the most expensive thing a stranger can make us do.
+        self.connection_rates = RateLimiter(clock, security.connections_per_minute)
+        self._digests = {
+            result: RefusalDigest(
+                clock, REFUSAL_DIGEST_SECONDS, partial(self._tell_count, result)
+            )
+            for result in CONNECTION_REFUSALS
+        }
+
+    def refused_connection(
+        self, result: str, attempt: Attempt, reason: str, auth_failure: bool = False
+    ) -> None:
+        """
+        Audit a connection refused before any request (C{result} one of
+        L{CONNECTION_REFUSALS}), unless its address had one refused like it
+        within the window: that one is counted, and told with the others
+        when the window ends.
+        """
+        if self._digests[result].refused(attempt.peer):
+            self.record(attempt, 0, result, reason, auth_failure)
+
+    def _tell_count(self, result: str, address: str, count: int) -> None:
+        now = self.clock.seconds()
+        attempt = Attempt(
+            peer=address, started=now, names=frozenset(), fingerprint=None, certified=False
+        )
+        self.record(
+            attempt,
+            0,
+            result,
+            "%d more connections refused like this within %d s"
+            % (count, REFUSAL_DIGEST_SECONDS),
+            auth_failure=CONNECTION_REFUSALS[result],
+            count=count,
+        )
+
+    def stop(self) -> None:
+        """
+        The site stops listening: audit what the digests still count.
+        """
+        for digest in self._digests.values():
+            digest.stop()
+
+    def admit(self, attempt: Attempt) -> None:
+        """
+        What the headers alone decide: bans, a certificate that names no
+        authorised POP (before its body is read, let alone parsed), rates.
+
+        @raise Forbidden: a key of C{attempt} is banned, or its certificate
+            names no authorised POP.
+        @raise RateLimited: a key of C{attempt} is over its rate.
+        """
+        self.check(attempt.admission_keys)
+        if attempt.certified and not attempt.names & self.authorized_pops:
+            raise _UnauthorisedCertificate(
+                "no name of the client certificate is in authorized_pops"
+            )
+
+    def check(self, keys: tuple[str, ...]) -> None:
+        """
+        @raise Forbidden: one of C{keys} is banned.
+        @raise RateLimited: one of C{keys} is over its rate.
+        """
+        for key in keys:
+            self.bans.check(key)
+        for key in keys:
+            self.rates.check(key)
+
+    def authenticated(self, attempt: Attempt) -> None:
+        for key in attempt.charged_keys:
+            self.bans.record_success(key)
+
+    def refused(self, attempt: Attempt, refusal: RequestRefused) -> str:
+        """
+        Count C{refusal} if it is a failed authentication: the reason to
+        record, with the keys it starts a ban of.
+        """
+        if not refusal.counts_as_auth_failure:
+            return refusal.detail
+        banned = [key for key in attempt.charged_keys if self.bans.record_failure(key)]
+        for key in banned:
+            log.warn("banned {key} after failed authentications", key=key)
+        if banned:
+            return refusal.detail + "; ban starts for " + ", ".join(banned)
+        return refusal.detail
+
+    def record(
+        self,
+        attempt: Attempt,
+        status: int,
+        result: str,
+        reason: str,
+        auth_failure: bool = False,
+        count: int = 1,
+    ) -> None:
+        now = self.clock.seconds()
+        self.audit.record(
+            AuditRecord(
+                time=attempt.started,
+                peer=attempt.peer,
+                claimed_pop=attempt.claimed_pop,
+                proven_pop=attempt.proven_pop,
+                entries=attempt.entries,
+                vaults=attempt.vaults,
+                bytes=attempt.bytes,
+                result=result,
+                status=status,
+                reason=reason,
+                duration=now - attempt.started,
+                backup_clock=now,
+                request_timestamp=attempt.request_timestamp,
+                auth_failure=auth_failure,
+                fingerprint=attempt.fingerprint,
+                count=count,
+            )
+        )
+
