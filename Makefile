@@ -22,6 +22,7 @@ test: $(BIN)/clavitor-repl
 
 bench: $(BIN)/clavitor-repl
 	$(BIN)/python bench/replication.py
+	$(BIN)/python bench/reactor_stall.py
 
 clean:
 	rm -rf $(VENV) _trial_temp build *.egg-info twisted/plugins/dropin.cache
