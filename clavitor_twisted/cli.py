@@ -27,8 +27,9 @@ from clavitor_twisted.config import POP_ID_PATTERN, load_config
 from clavitor_twisted.errors import ClavitorError
 
 CA_FILES = ("ca.crt", "ca.key")
-# Seconds to wait for the daemon's status.
+# Seconds to wait for the daemon's status, and the most of it read.
 STATUS_TIMEOUT = 10
+MAX_STATUS_BYTES = 64 * 1024 * 1024
 
 
 def _pop_id(text: str) -> str:
@@ -151,10 +152,16 @@ def show_status(args: argparse.Namespace) -> int:
         # Straight to the loopback address, whatever proxy the environment names.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(url, timeout=STATUS_TIMEOUT) as answer:
-            document = json.load(answer)
-    except (OSError, ValueError):
-        return _fail("status", "no status from the daemon on metrics.address, metrics.port")
-    print(json.dumps(document, indent=2) if args.json else describe(document))
+            raw = answer.read(MAX_STATUS_BYTES + 1)
+        if len(raw) > MAX_STATUS_BYTES:
+            raise ValueError("status document too large")
+        document = json.loads(raw)
+        if not isinstance(document, dict):
+            raise ValueError("not a status document")
+        text = json.dumps(document, indent=2) if args.json else describe(document)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return _fail("status", "no status document from metrics.address, metrics.port")
+    print(text)
     return 0
 
 

@@ -20,7 +20,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from clavitor_twisted.defences import (
@@ -125,6 +124,7 @@ class ApiChannel(http.HTTPChannel):
     """
 
     _closing = False
+    _secured = False
     _any_request = False
     _connected_at = 0.0
     _abort = None
@@ -206,6 +206,7 @@ class ApiChannel(http.HTTPChannel):
         if self._closing:
             return
         self._heard = True
+        self._secured = True
         self._start_deadline()
         super().dataReceived(data)
         if (
@@ -317,19 +318,36 @@ class ApiChannel(http.HTTPChannel):
             auth_failure=True,
         )
 
-    def _bare_attempt(self) -> Attempt:
+    def new_attempt(self, started: float) -> Attempt:
         """
-        The audit's view of this connection when no request of it is being
-        read: its peer address and when it came, nothing proven.
+        A fresh audit view of this connection: its peer address and, once
+        data came (after the TLS handshake, so the certificate verified),
+        what its client certificate proves.
         """
+        site = self.site
+        names: frozenset[str] = frozenset()
+        credential = None
+        if self._secured:
+            names, credential = site.authentication.identify(self.transport)
+        authorised = names & site.defences.authorized_pops
         peer = self.transport.getPeer()
         return Attempt(
             peer=getattr(peer, "host", str(peer)),
-            started=self._connected_at,
-            names=frozenset(),
-            fingerprint=None,
-            certified=False,
+            started=started,
+            names=names,
+            fingerprint=credential,
+            certified=site.authentication.certified,
+            authorised=authorised,
+            # Known whatever becomes of the attempt.
+            proven_pop=",".join(sorted(authorised)) or None,
         )
+
+    def _bare_attempt(self) -> Attempt:
+        """
+        The audit's view of this connection when no request of it is being
+        read: since it came.
+        """
+        return self.new_attempt(self._connected_at)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """
@@ -387,19 +405,7 @@ class ApiRequest(server.Request):
     def __init__(self, channel: ApiChannel, *args, **kwargs) -> None:
         super().__init__(channel, *args, **kwargs)
         self._defences: Defences = channel.site.defences
-        authentication = channel.site.authentication
-        names, credential = authentication.identify(self.transport)
-        authorised = names & self._defences.authorized_pops
-        self.attempt = Attempt(
-            peer=_peer(self),
-            started=self._defences.clock.seconds(),
-            names=names,
-            fingerprint=credential,
-            certified=authentication.certified,
-            authorised=authorised,
-            # Known whatever becomes of the request.
-            proven_pop=",".join(sorted(authorised)) or None,
-        )
+        self.attempt = channel.new_attempt(self._defences.clock.seconds())
         self._cut_off = False
         self._gone = False
         self._chunked = False
@@ -417,7 +423,10 @@ class ApiRequest(server.Request):
             self._check_framing(length)
             self._defences.admit(self.attempt)
             self._discard = not self._credential_holds()
-            if length is not None and not self._discard:
+            if self._discard:
+                # Its body is thrown away: no "100 Continue" asks for it.
+                self.requestHeaders.removeHeader(b"Expect")
+            elif length is not None:
                 self._defences.bodies.reserve(length, self.attempt.budget_key)
                 self._reserved = length
         except RequestRefused as refusal:
@@ -605,7 +614,4 @@ class ApiSite(server.Site):
         super().stopFactory()
 
 
-def _peer(request: IRequest) -> str:
-    address = request.getClientAddress()
-    return getattr(address, "host", str(address))
 

@@ -181,7 +181,9 @@ def _decode_json(body: bytes):
             parse_float=_not_an_integer,
             parse_constant=_not_an_integer,
         )
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise Malformed("JSON nested too deep")
+    except ValueError:
         # UnicodeDecodeError and JSONDecodeError are ValueErrors.
         raise Malformed("not UTF-8 JSON")
 

@@ -306,15 +306,15 @@ class ApplyResource(Resource):
         proven: frozenset[str] | None,
         attempt: Attempt,
     ) -> None:
-        if proven is None:
-            # A verified token vouches for the body, so for its source_pop:
-            # that POP's ban and rate apply from here.
-            attempt.proven_pop = batch.source_pop
-            self._defences.check(pop_keys((batch.source_pop,)))
-        elif batch.source_pop not in proven:
+        if proven is not None and batch.source_pop not in proven:
             raise Forbidden("source_pop is not a name of the client certificate")
         if batch.source_pop not in self._config.authorized_pops:
             raise Forbidden("source_pop is not in authorized_pops")
+        if proven is None:
+            # A verified token vouches for the body, so for its (authorised)
+            # source_pop: that POP's ban and rate apply from here.
+            attempt.proven_pop = batch.source_pop
+            self._defences.check(pop_keys((batch.source_pop,)))
         if batch.target_pop != self._config.pop_id:
             raise Conflict("target_pop is not this POP")
 

@@ -293,6 +293,11 @@ def make_service(
         ChangeWatcher(config.data_dir, replication_sender.wake, reactor).setServiceParent(top)
         source = status.PrimaryStatus(config, replication_sender, vaults.store, reactor)
     else:
+        if config.security.audit_log is None:
+            log.warn(
+                "{key} is not set: audit records go to this log only",
+                key="security.audit_log",
+            )
         audit_log = AuditLog(config.security.audit_log, reactor)
         AuditService(audit_log, reactor).setServiceParent(top)
         listener = _receiver_service(config, vaults.store, reactor, token_source, audit_log)

@@ -9,6 +9,7 @@ it is secret: counts, times, POP ids and the ids of vaults with a backlog.
 """
 
 import json
+from io import BytesIO
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -198,10 +199,28 @@ def _duration(seconds: float) -> str:
     return "{} days {} h".format(seconds // 86400, seconds % 86400 // 3600)
 
 
+def _printable(value: Any) -> Any:
+    """
+    C{value} with every string (keys too) stripped of what a terminal
+    would obey: control characters become escapes.
+    """
+    if isinstance(value, str):
+        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
+
+
 def describe(document: dict[str, Any]) -> str:
     """
     A status document as lines for an operator's terminal.
+
+    @raise KeyError, TypeError, ValueError, AttributeError: C{document} is
+        not a status document (whatever answered is not the daemon).
     """
+    document = _printable(document)
     now = document["time"]
     up = _duration(now - document["started_at"])
     if document["role"] != "primary":
@@ -299,13 +318,52 @@ class StatusResource(Resource):
         return JSON_TYPE, self._refuse(request, 500, "internal")
 
 
+_TOO_LARGE = json.dumps({"error": "too_large"}).encode("utf-8")
+_BODY_REFUSED = (
+    b"HTTP/1.1 413 Request Entity Too Large\r\n"
+    b"Content-Type: application/json\r\n"
+    b"X-Content-Type-Options: nosniff\r\n"
+    b"Cache-Control: no-store\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
+)
+
+
+class _StatusRequest(server.Request):
+    """
+    A request of the status site.  Status and metrics are only read, so a
+    request with a body is answered 413 at its headers and the connection
+    closed: no byte of the body is read or kept.
+    """
+
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length == 0:
+            super().gotLength(length)
+            return
+        self._refused = True
+        self.content = BytesIO()
+        self.channel.transport.write(_BODY_REFUSED)
+        self.channel.transport.loseConnection()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self._refused:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+
 class StatusSite(server.Site):
     """
-    The status site: no access log (a scraper calls every few seconds) and
-    no traceback shown.
+    The status site: no access log (a scraper calls every few seconds), no
+    traceback shown, no request body taken.
     """
 
     displayTracebacks = False
+    requestFactory = _StatusRequest
 
     def log(self, request: server.Request) -> None:
         pass

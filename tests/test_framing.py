@@ -756,7 +756,10 @@ class FramingTests(ReceiverTestCase):
             client = yield self.raw(self.signed_request(self.batch()), pop="impostor")
             self.assertEqual(client.received, b"")
         [record] = self.records()
-        self.assertEqual((record["result"], record["auth_failure"]), ("tls_refused", True))
+        self.assertEqual(
+            (record["result"], record["auth_failure"], record["proven_pop"], record["fingerprint"]),
+            ("tls_refused", True, None, None),
+        )
         self.assertDigested("tls_refused", 4, auth_failure=True)
         self.assertEqual(self.audit.auth_failures, 5)
         self.assertEqual(self.audit.results["tls_refused"], 5)
@@ -835,14 +838,19 @@ class FramingTests(ReceiverTestCase):
         """
         A connection that sends part of a request line and stops is aborted
         after request_timeout and audited as a timeout, though no request
-        was ever parsed.
+        was ever parsed, with what its certificate proves (in mtls).
         """
         [holder] = yield self.hold(1, b"POST /api/repl")
         channel = self.channel()
         yield until(lambda: channel._heard)
         self.clock.advance(self.config.replication.request_timeout)
         yield holder.lost
-        self.assertOnlyRecord("timeout", 408, 0)
+        record = self.assertOnlyRecord("timeout", 408, 0)
+        if self.method == "mtls":
+            self.assertEqual(record["proven_pop"], PRIMARY)
+            self.assertIsNotNone(record["fingerprint"])
+        else:
+            self.assertEqual((record["proven_pop"], record["fingerprint"]), (None, None))
 
 
 class BearerBudgetTests(FramingTests):
@@ -853,6 +861,29 @@ class BearerBudgetTests(FramingTests):
     """
 
     method = "bearer"
+
+    @inlineCallbacks
+    def test_wrong_token_gets_no_100_continue(self):
+        """
+        A request whose token is wrong, asking for C{100 Continue}, is not
+        asked for its body (which would be thrown away); once the body
+        comes anyway, it gets its 401.
+        """
+        body, headers = self.padded(1000)
+        headers = [
+            (name, b"Bearer " + b"x" * 64 if name == b"Authorization" else value)
+            for name, value in headers
+        ] + [(b"Expect", b"100-continue")]
+        head = http_request(body, headers, close=True)[: -len(body)]
+        [holder] = yield self.hold(1, head)
+        channel = self.channel()
+        yield until(lambda: channel.requests and channel.requests[-1]._discard)
+        self.assertEqual(holder.received, b"")
+        holder.transport.write(body)
+        yield holder.lost
+        self.assertNotIn(b"100 Continue", holder.received)
+        [response] = parse_responses(holder.received)
+        self.assertRawRefused(response, 401, "unauthenticated")
 
     @inlineCallbacks
     def test_wrong_token_takes_no_budget(self):

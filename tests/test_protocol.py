@@ -398,7 +398,12 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(len(batch.entries), 2)
 
     def test_deep_nesting(self):
-        self.assertMalformed(b"[" * 100_000 + b"]" * 100_000)
+        """
+        Nesting deeper than the parser goes is malformed, and the detail
+        says so (not that the body is not JSON).
+        """
+        error = self.assertRaises(Malformed, parse, b"[" * 100_000 + b"]" * 100_000)
+        self.assertEqual(error.detail, "JSON nested too deep")
         self.assertMalformed(body(batch_object()).replace(b'"entries": [', b'"entries": [' + b"[" * 100_000))
 
     @given(st.binary())

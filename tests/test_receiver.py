@@ -1064,11 +1064,14 @@ class BearerModeTests(ReceiverTestCase):
     def test_source_not_authorised(self):
         """
         The token proves no POP: a source outside authorized_pops is
-        forbidden even with a valid token.
+        forbidden even with a valid token, and the audit records it as
+        claimed, not proven.
         """
         result = yield self.send(self.batch(source_pop=STRANGER))
         self.assertRefused(result, 403, "forbidden")
         self.assertNothingApplied()
+        [record] = self.records()
+        self.assertEqual((record["claimed_pop"], record["proven_pop"]), (STRANGER, None))
 
     @inlineCallbacks
     def test_rotated_file_picked_up(self):

@@ -99,7 +99,8 @@ class ServiceTreeTests(SynchronousTestCase):
     def test_backup_never_has_a_sender(self):
         """
         A backup gets the vault pool and the TLS receiver, never a sender,
-        even with a backup_pop in its config (which is warned about).
+        even with a backup_pop in its config (which is warned about, like a
+        missing audit log file).
         """
         pop = Pop(self)
         document = pop.backup(
@@ -111,7 +112,12 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertFalse([s for s in tree if isinstance(s, service.SenderService)])
         self.assertEqual([s.name for s in top], ["vaults", "audit", "receiver"])
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
-        self.assertEqual([e["key"] for e in warnings], ["backup_pop"])
+        self.assertEqual([e["key"] for e in warnings], ["backup_pop", "security.audit_log"])
+
+        audited = pop.backup(audit_log=os.path.join(pop.directory, "audit.log"))
+        with capturedLogs() as events:
+            service.make_service(as_config(audited), reactor, environ={})
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])
 
     def test_backup_mode_environment_is_ignored(self):
         """

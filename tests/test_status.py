@@ -10,11 +10,15 @@ import io
 import json
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from twisted.web.http_headers import Headers
 
 from clavitor_twisted import cli, demo, service, status
@@ -220,6 +224,26 @@ class BackupStatusTests(SynchronousTestCase):
         self.assertIn('clavitor_repl_info{pop_id="a\\"b\\\\c\\nd",role="backup"} 1\n', text)
 
 
+class _Raw(Protocol):
+    """
+    Sends C{request} and keeps what comes back until the server closes.
+    """
+
+    def __init__(self, request):
+        self.request = request
+        self.received = b""
+        self.lost = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
 class _FailingSource:
     def document(self):
         raise RuntimeError("/secret/path")
@@ -261,6 +285,27 @@ class StatusSiteTests(TestCase):
             self.assertEqual(headers.getRawHeaders(b"X-Content-Type-Options"), [b"nosniff"])
             self.assertEqual(headers.getRawHeaders(b"Cache-Control"), [b"no-store"])
             self.assertFalse(headers.hasHeader(b"Server"))
+
+    @inlineCallbacks
+    def test_request_with_a_body_refused_at_its_headers(self):
+        """
+        Status and metrics are only read: a request declaring a body (of
+        any size, or chunked) gets 413 at once and the connection is
+        closed; the body is never read.
+        """
+        clock = Clock()
+        source, _ = backup_source(clock)
+        port = reactor.listenTCP(0, status.make_status_site(source), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        for framing in (b"Content-Length: 30000000", b"Transfer-Encoding: chunked"):
+            client = _Raw(b"POST /status HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n12345")
+            yield connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
+            )
+            yield client.lost
+            head, _, body = client.received.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+            self.assertEqual(json.loads(body), {"error": "too_large"})
 
     @inlineCallbacks
     def test_refusals(self):
@@ -336,5 +381,42 @@ class StatusCommandTests(TestCase):
         path = pop.write("other.yaml", document_)
         self.assertEqual(
             self.status_command(path),
-            (1, "", "status: no status from the daemon on metrics.address, metrics.port\n"),
+            (1, "", "status: no status document from metrics.address, metrics.port\n"),
         )
+
+    @inlineCallbacks
+    def test_whatever_answers_is_not_trusted(self):
+        """
+        Something else on the metrics port (another local user's server,
+        say) cannot make the command print a traceback or drive the
+        terminal: a document of the wrong shape is refused with the keys
+        named, and control characters are printed as escapes.
+        """
+        answers = []
+
+        class Fake(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                return answers.pop(0)
+
+        port = reactor.listenTCP(0, Site(Fake()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pop = Pop(self)
+        document_ = pop.primary(9)
+        document_["metrics"] = {"port": port.getHost().port}
+        path = pop.write("primary.yaml", document_)
+        good = self.successResultOf(primary_document({VAULT_A: 1}))
+        for bad in (b"[1]", b"{}", b"not json", b"[" * 100_000,
+                    json.dumps(dict(good, time="soon")).encode()):
+            answers.append(bad)
+            code, out, err = yield deferToThread(self.status_command, path)
+            self.assertEqual(
+                (code, out, err),
+                (1, "", "status: no status document from metrics.address, metrics.port\n"),
+            )
+        answers.append(json.dumps(dict(good, pop_id="\x1b[2Jevil\nline")).encode())
+        code, out, err = yield deferToThread(self.status_command, path)
+        self.assertEqual(code, 0)
+        self.assertNotIn("\x1b", out)
+        self.assertIn("primary \\x1b[2Jevil\\nline -> backup", out)
