@@ -26,8 +26,8 @@ log = Logger()
 
 class ChangeWatcher(Service):
     """
-    Calls C{wake} (at most once per L{WAKE_DELAY}) after a write, creation
-    or rename into C{data_dir} of a vault file or its journal.  (Events the
+    Calls C{wake} (at most once per L{WAKE_DELAY}) after a write to, or a
+    rename into C{data_dir} of, a vault file or its journal.  (Events the
     kernel's queue dropped are only found by the next scan.)
     """
 
@@ -55,10 +55,10 @@ class ChangeWatcher(Service):
         try:
             notifier.watch(
                 FilePath(self._data_dir),
-                mask=inotify.IN_MODIFY
-                | inotify.IN_CLOSE_WRITE
-                | inotify.IN_CREATE
-                | inotify.IN_MOVED_TO,
+                # Every commit write()s the WAL.  Not IN_CREATE or
+                # IN_CLOSE_WRITE: our own connections create an empty WAL
+                # when they open and close both files when they close.
+                mask=inotify.IN_MODIFY | inotify.IN_MOVED_TO,
                 callbacks=[lambda _watch, path, _mask: self.file_changed(path)],
             )
         except inotify.INotifyError as error:  # e.g. no watches left
@@ -88,7 +88,7 @@ class ChangeWatcher(Service):
 
     def file_changed(self, path: FilePath) -> None:
         """
-        The file at C{path} was written, created or renamed into place.
+        The file at C{path} was written or renamed into place.
         """
         if written_vault_id(os.fsdecode(path.basename())) is None:
             return

@@ -12,6 +12,8 @@ from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from clavitor_twisted.role import Role
+from clavitor_twisted.vault import Vault, open_vault_for_writes, vault_path, written_vault_id
 from clavitor_twisted.watch import WAKE_DELAY, ChangeWatcher
 
 VAULT_ID = "0123456789abcdef"
@@ -92,3 +94,38 @@ class InotifyTests(TestCase):
         with open(os.path.join(self.directory, "clavitor-%s.db-wal" % (VAULT_ID,)), "ab") as f:
             f.write(b"page")
         yield woken
+
+    @inlineCallbacks
+    def test_reading_a_vault_is_no_change(self):
+        """
+        Opening, reading and closing a vault (what the sender itself does to
+        clean vaults) reports no change; events come in order, so once a
+        later write to another file is seen, none came for the read.
+        """
+        reader_vault = "ab" * 8
+        writer = open_vault_for_writes(Role.PRIMARY, self.directory, reader_vault)
+        writer.put_entry("e", b"d", 1)
+        writer.close()
+        seen = []
+        sentinel_seen = Deferred()
+        watcher = ChangeWatcher(self.directory, lambda: None, reactor)
+
+        def record(path):
+            # What file_changed would wake for: the shared-memory file,
+            # which readers write, is not a change.
+            if written_vault_id(os.fsdecode(path.basename())) is None:
+                return
+            seen.append(os.fsdecode(path.basename()))
+            if seen[-1].startswith("clavitor-%s" % (VAULT_ID,)) and not sentinel_seen.called:
+                sentinel_seen.callback(None)
+
+        watcher.file_changed = record
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        vault = Vault.open(vault_path(self.directory, reader_vault))
+        vault.count_dirty()
+        vault.close()
+        with open(os.path.join(self.directory, "clavitor-%s.db-wal" % (VAULT_ID,)), "ab") as f:
+            f.write(b"page")
+        yield sentinel_seen
+        self.assertEqual([name for name in seen if reader_vault in name], [])
