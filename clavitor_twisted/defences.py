@@ -13,6 +13,7 @@ certificates), or else to the peer address (never to an unverified claim),
 so one POP's failures never ban another.
 """
 
+import resource
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable
@@ -29,6 +30,7 @@ from clavitor_twisted.guard import (
     BodyBudget,
     ConnectionLimit,
     NonceCache,
+    OpenConnections,
     RateLimiter,
     RefusalDigest,
 )
@@ -38,11 +40,13 @@ from clavitor_twisted.guard import (
 MAX_CONNECTIONS_PER_ADDRESS = 16
 
 # The request bodies all requests together may hold in memory at once, in
-# units of max_request_bytes.
+# units of max_request_bytes: this many, or one per authorised POP if there
+# are more, so each can always send one while the others stall theirs.
 BODY_BUDGET_REQUESTS = 4
 
-# Of that, what the requests of one POP (or one peer address) may hold.
-BODY_SHARE_REQUESTS = 2
+# What the requests of one POP (or one peer address) may hold: a primary
+# sends one batch at a time.
+BODY_SHARE_REQUESTS = 1
 
 # Connections refused before any request, by the result word audited; True
 # for those that count as failed authentications.  Each is audited once per
@@ -55,6 +59,18 @@ CONNECTION_REFUSALS = {
 REFUSAL_DIGEST_SECONDS = 60
 
 log = Logger()
+
+
+def connection_limit_for_files() -> int:
+    """
+    How many connections the site may hold open: a quarter of the
+    process's file limit (the rest is for vault files, logs and the vault
+    pool), between 64 and 4096.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 4 * 4096
+    return max(64, min(4096, soft // 4))
 
 
 class _UnauthorisedCertificate(Forbidden):
@@ -150,16 +166,25 @@ class Defences:
     receiver makes to them.
     """
 
-    def __init__(self, config: Config, clock: IReactorTime, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: IReactorTime,
+        audit: AuditLog,
+        max_connections: int | None = None,
+    ) -> None:
         security = config.security
         self.max_request_bytes = security.max_request_bytes
         self.request_timeout = config.replication.request_timeout
         self.authorized_pops = frozenset(config.authorized_pops)
         self.bodies = BodyBudget(
-            BODY_BUDGET_REQUESTS * security.max_request_bytes,
+            max(BODY_BUDGET_REQUESTS, len(self.authorized_pops)) * security.max_request_bytes,
             BODY_SHARE_REQUESTS * security.max_request_bytes,
         )
         self.connections = ConnectionLimit(MAX_CONNECTIONS_PER_ADDRESS)
+        self.open_connections = OpenConnections(
+            connection_limit_for_files() if max_connections is None else max_connections
+        )
         self.clock = clock
         self.audit = audit
         self.bans = BanList(clock, security.ban_after_failures, security.ban_duration)

@@ -166,8 +166,10 @@ class ApiChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         """
-        Count the connection against its peer address; one over the limit
-        is dropped at once, before a byte of it is read.
+        Count the connection against its peer address's rate and cap and
+        against all open connections; one over a limit is dropped at once,
+        before a byte of it is read (when all connections are taken, the
+        oldest silent one makes room instead, if there is one).
         """
         super().connectionMade()
         defences = self.site.defences
@@ -179,13 +181,38 @@ class ApiChannel(http.HTTPChannel):
         except RateLimited as refusal:
             self._drop("connection_rate_limited", refusal.detail)
             return
-        if defences.connections.acquire(address):
-            self._counted = address
-            self._start_deadline()
+        if not defences.connections.acquire(address):
+            self._drop(
+                "too_many_connections",
+                "%d connections already open from this address"
+                % (MAX_CONNECTIONS_PER_ADDRESS,),
+            )
             return
-        self._drop(
+        admitted, displaced = defences.open_connections.open(self)
+        if not admitted:
+            defences.connections.release(address)
+            self._drop(
+                "too_many_connections",
+                "all %d connections of the backup open and in use"
+                % (defences.open_connections.limit,),
+            )
+            return
+        self._counted = address
+        self._start_deadline()
+        if displaced is not None:
+            displaced.displace()
+
+    def displace(self) -> None:
+        """
+        The backup is full and this connection has sent nothing yet: it
+        makes room for a new one.
+        """
+        self._closing = True
+        self.transport.abortConnection()
+        self.site.defences.refused_connection(
             "too_many_connections",
-            "%d connections already open from this address" % (MAX_CONNECTIONS_PER_ADDRESS,),
+            self._bare_attempt(),
+            "closed while silent to make room: all connections of the backup open",
         )
 
     def _drop(self, result: str, reason: str) -> None:
@@ -206,7 +233,9 @@ class ApiChannel(http.HTTPChannel):
         if self._closing:
             return
         self._heard = True
-        self._secured = True
+        if not self._secured:
+            self._secured = True
+            self.site.defences.open_connections.heard(self)
         self._start_deadline()
         super().dataReceived(data)
         if (
@@ -384,6 +413,7 @@ class ApiChannel(http.HTTPChannel):
         self._cancel_deadline()
         if self._counted is not None:
             self.site.defences.connections.release(self._counted)
+            self.site.defences.open_connections.close(self)
             self._counted = None
         super().connectionLost(reason)
 

@@ -9,7 +9,8 @@ L{RateLimiter} caps the requests of one key (a peer address or a POP) per
 minute, and L{BanList} refuses a key for a while after repeated failed
 authentications (DESIGN.md rule 10).  L{BodyBudget} bounds the request
 bodies held in memory at once, across all requests, and
-L{ConnectionLimit} the connections open at once from one peer address.
+L{ConnectionLimit} the connections open at once from one peer address,
+and L{OpenConnections} those of all addresses together.
 L{RefusalDigest} keeps a flood of refused connections from writing one
 audit line each.
 
@@ -21,7 +22,7 @@ what a flood of new keys would be sent to achieve.
 
 import heapq
 from collections import OrderedDict, deque
-from typing import Callable
+from typing import Callable, Hashable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -374,6 +375,50 @@ class BodyBudget:
             self._held.pop(key, None)
         else:
             self._held[key] = held - size
+
+
+class OpenConnections:
+    """
+    All connections open at once, at most C{limit}: the file descriptors
+    of the process are finite, and a flood from many addresses must not
+    take the ones its vaults and its partners need.  When full, a new
+    connection takes the place of the oldest one that has not sent a byte
+    yet (a silent or slow peer: a partner speaks at once); when every open
+    connection has, the new one is refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._open: set[Hashable] = set()
+        # The open connections that have sent nothing, oldest first.
+        self._silent: OrderedDict[Hashable, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, connection: Hashable) -> tuple[bool, Hashable | None]:
+        """
+        Count C{connection}: whether it is admitted, and the silent
+        connection it displaces (to be closed by the caller), if any.
+        """
+        displaced = None
+        if len(self._open) >= self.limit:
+            if not self._silent:
+                return False, None
+            displaced, _ = self._silent.popitem(last=False)
+            self._open.discard(displaced)
+        self._open.add(connection)
+        self._silent[connection] = None
+        return True, displaced
+
+    def heard(self, connection: Hashable) -> None:
+        self._silent.pop(connection, None)
+
+    def close(self, connection: Hashable) -> None:
+        self._open.discard(connection)
+        self._silent.pop(connection, None)
 
 
 class RefusalDigest:

@@ -356,6 +356,7 @@ def make_site(
     started_at: int,
     *,
     audit: AuditLog | None = None,
+    max_connections: int | None = None,
 ) -> server.Site:
     """
     The backup's HTTP site, to be served over TLS by the service (with a
@@ -369,7 +370,9 @@ def make_site(
     C{security.audit_log} opened here, so that the configured file is
     written whoever builds the site.  A caller that must reopen it on
     SIGHUP and close it on stop passes its own.  The site's L{Defences}
-    are its C{defences} attribute.
+    are its C{defences} attribute.  It holds at most C{max_connections}
+    connections open, by default as many as the file limit allows (see
+    L{clavitor_twisted.defences.connection_limit_for_files}).
 
     @raise ConfigError: the audit log cannot be opened.
     """
@@ -382,7 +385,7 @@ def make_site(
         authentication = CertificateAuthentication()
     if audit is None:
         audit = AuditLog(config.security.audit_log, clock)
-    defences = Defences(config, clock, audit)
+    defences = Defences(config, clock, audit, max_connections)
     apply = ApplyResource(config, store, defences, authentication, started_at)
     return ApiSite(
         _Routes({protocol.APPLY_PATH: apply}),

@@ -22,6 +22,7 @@ from clavitor_twisted.defences import (
     BODY_SHARE_REQUESTS,
     MAX_CONNECTIONS_PER_ADDRESS,
     REFUSAL_DIGEST_SECONDS,
+    Defences,
 )
 from clavitor_twisted.vault import list_vault_ids
 from tests.test_receiver import (
@@ -612,20 +613,25 @@ class FramingTests(ReceiverTestCase):
     @inlineCallbacks
     def test_body_budget_across_requests(self):
         """
-        Requests holding BODY_BUDGET_REQUESTS full bodies between them (two
-        partners, each its share) use the whole budget: one more declaring a
-        body gets 503 at the headers, a chunked one is cut off with 503 at
-        its first chunk.  Once they are gone the budget is free again and a
-        batch applies.
+        Requests from BODY_BUDGET_REQUESTS addresses (bearer mode, where an
+        address is a key) holding full bodies use the whole budget: one more
+        declaring a body gets 503 at the headers, a chunked one is cut off
+        with 503 at its first chunk.  Once they are gone the budget is free
+        again and a batch applies.  (In mtls the keys are the authorised
+        POPs, each with its own share: the budget cannot run out.)
         """
         budget = self.site.defences.bodies
+        self.assertEqual(budget.limit, BODY_BUDGET_REQUESTS * MAX_REQUEST_BYTES)
+        self.assertEqual(budget.share, BODY_SHARE_REQUESTS * MAX_REQUEST_BYTES)
+        if self.method == "mtls":
+            self.assertGreaterEqual(BODY_BUDGET_REQUESTS, len(self.config.authorized_pops))
+            return
         body, headers = self.padded(MAX_REQUEST_BYTES)
         head = http_request(body, headers)[: -len(body)]
-        holders = yield self.hold(BODY_SHARE_REQUESTS, head + body[:10])
-        holders += yield self.hold(BODY_SHARE_REQUESTS, head + body[:10], **self.other_peer())
+        holders = []
+        for n in range(BODY_BUDGET_REQUESTS):
+            holders += yield self.hold(1, head + body[:10], source="127.0.0.%d" % (10 + n,))
         yield until(lambda: budget.in_use == budget.limit)
-        self.assertEqual(budget.limit, BODY_BUDGET_REQUESTS * MAX_REQUEST_BYTES)
-        self.assertEqual(BODY_BUDGET_REQUESTS, 2 * BODY_SHARE_REQUESTS)
 
         small = self.signed_request(self.batch(), close=True)
         client = yield self.raw(small, alone=False, source="127.0.0.3")
@@ -647,6 +653,18 @@ class FramingTests(ReceiverTestCase):
         [response] = yield self.pipeline([small])
         self.assertEqual(response[0], 200, response[2])
         self.assertEqual(budget.in_use, 0)
+
+    def test_budget_has_room_for_every_pop(self):
+        """
+        With more authorised POPs than BODY_BUDGET_REQUESTS, the budget
+        holds one full body for each, so no set of partners stalling
+        theirs leaves another without room.
+        """
+        pops = tuple("pop-%02d" % (n,) for n in range(BODY_BUDGET_REQUESTS + 3))
+        config = dataclasses.replace(self.config, authorized_pops=pops)
+        budget = Defences(config, self.clock, self.audit).bodies
+        self.assertEqual(budget.limit, len(pops) * MAX_REQUEST_BYTES)
+        self.assertEqual(budget.share, MAX_REQUEST_BYTES)
 
     @inlineCallbacks
     def test_one_partner_cannot_take_the_whole_budget(self):
@@ -688,6 +706,38 @@ class FramingTests(ReceiverTestCase):
         self.assertEqual(response[0], 200, response[2])
         self.assertEqual(len(self.stored()[0]), 3)
         self.assertDigested("too_many_connections", 2)
+
+    @inlineCallbacks
+    def test_connections_of_all_addresses(self):
+        """
+        With all max_connections open, a new connection takes the place of
+        the oldest silent one (audited); when every open connection has
+        spoken, the new one is dropped at once, unanswered.
+        """
+        yield self.serve(self.store, max_connections=2)
+        silent = yield self.hold(2, source="127.0.0.2")
+        client = yield self.raw(
+            self.signed_request(self.batch(), close=True), source="127.0.0.3", alone=False
+        )
+        [response] = parse_responses(client.received)
+        self.assertEqual(response[0], 200, response[2])
+        yield silent[0].lost
+        self.assertNoResult(silent[1].lost)
+        [record] = [r for r in self.records() if r["result"] == "too_many_connections"]
+        self.assertEqual(record["peer"], "127.0.0.2")
+        self.assertIn("to make room", record["reason"])
+
+        silent[1].transport.loseConnection()
+        yield silent[1].lost
+        yield until(lambda: not self.factory.protocols)
+        talking = yield self.hold(2, b"POST / HTTP/1.1\r\n", source="127.0.0.4")
+        yield until(
+            lambda: len(self.factory.protocols) == 2
+            and all(p.wrappedProtocol._heard for p in self.factory.protocols)
+        )
+        dropped = yield self.raw(self.signed_request(self.batch()), source="127.0.0.5", alone=False)
+        self.assertEqual(dropped.received, b"")
+        self.assertEqual([t.lost.called for t in talking], [False, False])
 
     def assertDigested(self, result, count, auth_failure=False):
         """

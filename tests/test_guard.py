@@ -14,6 +14,7 @@ from clavitor_twisted.errors import Forbidden, NotReady, RateLimited, StaleReque
 from clavitor_twisted.guard import (
     BanList,
     BodyBudget,
+    OpenConnections,
     RefusalDigest,
     ConnectionLimit,
     NonceCache,
@@ -635,6 +636,28 @@ class BodyBudgetTests(SynchronousTestCase):
         self.assertRaises(ValueError, BodyBudget, 0)
         self.assertRaises(ValueError, BodyBudget, 10, 0)
         self.assertRaises(ValueError, BodyBudget, 10, 11)
+
+
+class OpenConnectionsTests(SynchronousTestCase):
+    def test_silent_make_room(self):
+        """
+        When full, a new connection displaces the oldest one that has sent
+        nothing; with every open one heard from, it is refused; a closed
+        one frees its place.
+        """
+        pool = OpenConnections(2)
+        self.assertEqual(pool.open("a"), (True, None))
+        self.assertEqual(pool.open("b"), (True, None))
+        pool.heard("a")
+        self.assertEqual(pool.open("c"), (True, "b"))
+        self.assertEqual(pool.open("d"), (True, "c"))
+        pool.heard("d")
+        self.assertEqual(pool.open("e"), (False, None))
+        self.assertEqual(len(pool), 2)
+        pool.close("a")
+        pool.close("b")
+        self.assertEqual(pool.open("e"), (True, None))
+        self.assertRaises(ValueError, OpenConnections, 0)
 
 
 class RefusalDigestTests(SynchronousTestCase):

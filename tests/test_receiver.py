@@ -363,19 +363,19 @@ class ReceiverTestCase(TestCase):
         )
 
     @inlineCallbacks
-    def serve(self, store, config=None, own_audit=False, started_at=STARTED_AT):
+    def serve(self, store, config=None, own_audit=False, started_at=STARTED_AT, **options):
         """
         Listen on 127.0.0.1 with the backup's site applying into C{store},
         auditing into the test's log, or (C{own_audit}) called as the
-        service calls it, without one.
+        service calls it, without one; C{options} go to make_site.
         """
         if self.port is not None:
             yield self.port.stopListening()
         arguments = (config or self.config, store, self.clock, self.token_source, started_at)
         if own_audit:
-            site = make_site(*arguments)
+            site = make_site(*arguments, **options)
         else:
-            site = make_site(*arguments, audit=self.audit)
+            site = make_site(*arguments, audit=self.audit, **options)
         self.site = site
         self.factory = _Connections(site)
         options = tls.server_options(
