@@ -17,8 +17,10 @@ public text only.
 import argparse
 import ipaddress
 import json
+import math
 import os
 import sys
+import threading
 import urllib.request
 from collections.abc import Sequence
 
@@ -131,10 +133,45 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        # The status is this daemon's: an answer sending us elsewhere is not.
+        return None
+
+
+def _refuse_constant(name: str):
+    raise ValueError("not a number: " + name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _fetch_status(url: str) -> dict:
+    """
+    The status document at C{url}, straight from the loopback address
+    (whatever proxy the environment names, and no redirect followed).
+
+    @raise OSError, ValueError, RecursionError: no status document came.
+    """
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
+    with opener.open(url, timeout=STATUS_TIMEOUT) as answer:
+        raw = answer.read(MAX_STATUS_BYTES + 1)
+    if len(raw) > MAX_STATUS_BYTES:
+        raise ValueError("status document too large")
+    document = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+    if not isinstance(document, dict):
+        raise ValueError("not a status document")
+    return document
+
+
 def show_status(args: argparse.Namespace) -> int:
     """
     Ask the running daemon of a config file for its status, on its
-    metrics address.
+    metrics address, within STATUS_TIMEOUT seconds in all.
     """
     from clavitor_twisted.status import STATUS_PATH, describe
 
@@ -148,21 +185,31 @@ def show_status(args: argparse.Namespace) -> int:
     if ":" in host:
         host = "[" + host + "]"
     url = "http://{}:{}{}".format(host, config.metrics.port, STATUS_PATH.decode())
+    # In a thread, so that a server dribbling its answer cannot hold us
+    # past the timeout (the socket's own timeout is per read).
+    fetched: list = []
+    worker = threading.Thread(target=lambda: fetched.append(_try(_fetch_status, url)), daemon=True)
+    worker.start()
+    worker.join(STATUS_TIMEOUT)
+    document = fetched[0] if fetched else None
     try:
-        # Straight to the loopback address, whatever proxy the environment names.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(url, timeout=STATUS_TIMEOUT) as answer:
-            raw = answer.read(MAX_STATUS_BYTES + 1)
-        if len(raw) > MAX_STATUS_BYTES:
-            raise ValueError("status document too large")
-        document = json.loads(raw)
         if not isinstance(document, dict):
-            raise ValueError("not a status document")
+            raise ValueError("no status document")
         text = json.dumps(document, indent=2) if args.json else describe(document)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return _fail("status", "no status document from metrics.address, metrics.port")
     print(text)
     return 0
+
+
+def _try(function, *args):
+    """
+    C{function(*args)}, or None if it raised what a bad answer raises.
+    """
+    try:
+        return function(*args)
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def run_demo(args: argparse.Namespace) -> int:

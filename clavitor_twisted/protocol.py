@@ -280,7 +280,7 @@ def parse_batch(body: bytes, max_entry_bytes: int) -> Batch:
     return Batch(
         source_pop=_matching(value["source_pop"], POP_ID_PATTERN, "source_pop"),
         target_pop=_matching(value["target_pop"], POP_ID_PATTERN, "target_pop"),
-        epoch=_int_in(value["epoch"], 0, _MAX_INT, "epoch"),
+        epoch=_int_in(value["epoch"], 1, _MAX_INT, "epoch"),
         seq=_int_in(value["seq"], 0, _MAX_INT, "seq"),
         timestamp=_int_in(value["timestamp"], 0, _MAX_INT, "timestamp"),
         nonce=_matching(value["nonce"], NONCE_PATTERN, "nonce"),

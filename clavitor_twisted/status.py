@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from clavitor_twisted.config import Config
@@ -282,7 +282,6 @@ class StatusResource(Resource):
         self._source = source
 
     def render(self, request: server.Request) -> Any:
-        request.responseHeaders.removeHeader(b"Server")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Cache-Control", b"no-store")
         rendering = _RENDERINGS.get(request.path)
@@ -318,15 +317,44 @@ class StatusResource(Resource):
         return JSON_TYPE, self._refuse(request, 500, "internal")
 
 
-_TOO_LARGE = json.dumps({"error": "too_large"}).encode("utf-8")
-_BODY_REFUSED = (
-    b"HTTP/1.1 413 Request Entity Too Large\r\n"
-    b"Content-Type: application/json\r\n"
-    b"X-Content-Type-Options: nosniff\r\n"
-    b"Cache-Control: no-store\r\n"
-    b"Connection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
-)
+# Scrapers and the status command need one or two; each costs a file.
+MAX_STATUS_CONNECTIONS = 16
+# Seconds a status connection may stay idle.
+STATUS_IDLE_TIMEOUT = 10
+
+
+def _refusal(status: bytes, word: str) -> bytes:
+    """
+    A whole answer that refuses a request and closes the connection.
+    """
+    body = json.dumps({"error": word}).encode("utf-8")
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"Content-Type: application/json\r\n"
+        b"X-Content-Type-Options: nosniff\r\n"
+        b"Cache-Control: no-store\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+_BODY_REFUSED = _refusal(b"413 Request Entity Too Large", "too_large")
+_FRAMING_REFUSED = _refusal(b"400 Bad Request", "malformed")
+
+
+class _StatusChannel(http.HTTPChannel):
+    """
+    Bad framing gets a JSON 400 with the headers of every other answer,
+    not twisted.web's bare one; the site counts its connections.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.transport.write(_FRAMING_REFUSED)
+        self.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.site.connection_closed()
+        super().connectionLost(reason)
 
 
 class _StatusRequest(server.Request):
@@ -355,15 +383,41 @@ class _StatusRequest(server.Request):
         if not self._refused:
             super().requestReceived(command, path, version)
 
+    def process(self) -> None:
+        """
+        Render the one resource, whatever the path (no twisted.web answer
+        of its own to C{OPTIONS *}, no banner).
+        """
+        self.site = self.channel.site
+        try:
+            self.render(self.site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
 
 class StatusSite(server.Site):
     """
-    The status site: no access log (a scraper calls every few seconds), no
-    traceback shown, no request body taken.
+    The status site: at most L{MAX_STATUS_CONNECTIONS} connections, no
+    access log (a scraper calls every few seconds), no traceback shown, no
+    request body taken.
     """
 
     displayTracebacks = False
+    protocol = _StatusChannel
     requestFactory = _StatusRequest
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource, timeout=STATUS_IDLE_TIMEOUT)
+        self._open = 0
+
+    def buildProtocol(self, addr):
+        if self._open >= MAX_STATUS_CONNECTIONS:
+            return None
+        self._open += 1
+        return super().buildProtocol(addr)
+
+    def connection_closed(self) -> None:
+        self._open -= 1
 
     def log(self, request: server.Request) -> None:
         pass

@@ -78,7 +78,7 @@ batches = st.builds(
     Batch,
     source_pop=pop_ids,
     target_pop=pop_ids,
-    epoch=numbers,
+    epoch=versions,
     seq=numbers,
     timestamp=numbers,
     nonce=st.from_regex(NONCE_PATTERN, fullmatch=True),
@@ -289,11 +289,11 @@ class ParseTests(SynchronousTestCase):
             self.assertMalformed(raw.replace(b'"seq": 7', b'"seq": ' + number))
 
     def test_integer_ranges(self):
-        for key, bad in (("epoch", -1), ("seq", -1), ("timestamp", -1), ("seq", MAX_VERSION + 1)):
+        for key, bad in (("epoch", 0), ("seq", -1), ("timestamp", -1), ("seq", MAX_VERSION + 1)):
             self.assertMalformed(body(batch_object(**{key: bad})))
         for key, bad in (("version", 0), ("version", MAX_VERSION + 1), ("updated_at", -1)):
             self.assertMalformed(body(batch_object(entries=[entry_object(**{key: bad})])))
-        batch = parse(body(batch_object(epoch=0, seq=MAX_VERSION, entries=[entry_object(version=MAX_VERSION, updated_at=0)])))
+        batch = parse(body(batch_object(epoch=1, seq=MAX_VERSION, entries=[entry_object(version=MAX_VERSION, updated_at=0)])))
         self.assertEqual(batch.entries[0].version, MAX_VERSION)
 
     def test_huge_integer(self):

@@ -14,11 +14,12 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.http_headers import Headers
 
 from clavitor_twisted import cli, demo, service, status
@@ -308,6 +309,62 @@ class StatusSiteTests(TestCase):
             self.assertEqual(json.loads(body), {"error": "too_large"})
 
     @inlineCallbacks
+    def raw(self, port, request):
+        client = _Raw(request)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+        yield client.lost
+        return client.received
+
+    @inlineCallbacks
+    def test_odd_requests_answered_like_any(self):
+        """
+        C{OPTIONS *} (which twisted.web answers itself) is a JSON 404 with
+        the headers and no banner; bad framing (an HTTP/2 preface) a JSON
+        400 with them, not twisted.web's bare one.
+        """
+        source, _ = backup_source(Clock())
+        port = reactor.listenTCP(0, status.make_status_site(source), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        for request, code, word in (
+            (b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"404", "not_found"),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"400", "malformed"),
+        ):
+            received = yield self.raw(port, request)
+            head, _, body = received.partition(b"\r\n\r\n")
+            self.assertEqual(head.split(b" ")[1], code, head)
+            self.assertEqual(json.loads(body), {"error": word})
+            self.assertIn(b"X-Content-Type-Options: nosniff", head)
+            self.assertNotIn(b"Server:", head)
+
+    @inlineCallbacks
+    def test_connections_capped(self):
+        """
+        At most MAX_STATUS_CONNECTIONS connections at once: one more is
+        closed unanswered; once one closes, the next is served.
+        """
+        source, _ = backup_source(Clock())
+        port = reactor.listenTCP(0, status.make_status_site(source), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        site = port.factory
+        idle = []
+        for _ in range(status.MAX_STATUS_CONNECTIONS):
+            client = _Raw(b"")
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+            idle.append(client)
+        while site._open < status.MAX_STATUS_CONNECTIONS:
+            yield deferLater(reactor, 0.01, lambda: None)
+        request = b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        self.assertEqual((yield self.raw(port, request)), b"")
+        idle[0].transport.loseConnection()
+        yield idle[0].lost
+        while site._open >= status.MAX_STATUS_CONNECTIONS:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertIn(b" 200 ", (yield self.raw(port, request)))
+        for client in idle[1:]:
+            client.transport.loseConnection()
+            yield client.lost
+
+    @inlineCallbacks
     def test_refusals(self):
         """
         Another path is a JSON 404, another method a 405; a failure making
@@ -388,9 +445,11 @@ class StatusCommandTests(TestCase):
     def test_whatever_answers_is_not_trusted(self):
         """
         Something else on the metrics port (another local user's server,
-        say) cannot make the command print a traceback or drive the
-        terminal: a document of the wrong shape is refused with the keys
-        named, and control characters are printed as escapes.
+        say) cannot make the command print a traceback, hang or drive the
+        terminal: a document of the wrong shape or with non-finite numbers,
+        a redirect elsewhere and an answer dribbled past the timeout are
+        refused with the keys named, and control characters are printed as
+        escapes.
         """
         answers = []
 
@@ -398,7 +457,8 @@ class StatusCommandTests(TestCase):
             isLeaf = True
 
             def render_GET(self, request):
-                return answers.pop(0)
+                answer = answers.pop(0)
+                return answer(request) if callable(answer) else answer
 
         port = reactor.listenTCP(0, Site(Fake()), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -407,14 +467,47 @@ class StatusCommandTests(TestCase):
         document_["metrics"] = {"port": port.getHost().port}
         path = pop.write("primary.yaml", document_)
         good = self.successResultOf(primary_document({VAULT_A: 1}))
+        class Elsewhere(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                return json.dumps(good).encode()
+
+        other = reactor.listenTCP(0, Site(Elsewhere()), interface="127.0.0.1")
+        self.addCleanup(other.stopListening)
+
+        def redirect(request):
+            request.redirect(b"http://127.0.0.1:%d/status" % (other.getHost().port,))
+            return b""
+
+        dripping = {}
+
+        def drip(request):
+            def more():
+                request.write(b" ")
+                dripping["call"] = reactor.callLater(0.05, more)
+
+            dripping["request"] = request
+            more()
+            return NOT_DONE_YET
+
+        def stop_dripping():
+            dripping["call"].cancel()
+            dripping["request"].channel.transport.abortConnection()
+
+        self.patch(cli, "STATUS_TIMEOUT", 1)
         for bad in (b"[1]", b"{}", b"not json", b"[" * 100_000,
-                    json.dumps(dict(good, time="soon")).encode()):
+                    json.dumps(dict(good, time="soon")).encode(),
+                    json.dumps(dict(good, lag_seconds=float("nan"))).encode(),
+                    json.dumps(good).encode().replace(b'"failures": 0', b'"failures": 1e999'),
+                    redirect, drip):
             answers.append(bad)
             code, out, err = yield deferToThread(self.status_command, path)
             self.assertEqual(
                 (code, out, err),
                 (1, "", "status: no status document from metrics.address, metrics.port\n"),
             )
+        stop_dripping()
         answers.append(json.dumps(dict(good, pop_id="\x1b[2Jevil\nline")).encode())
         code, out, err = yield deferToThread(self.status_command, path)
         self.assertEqual(code, 0)
