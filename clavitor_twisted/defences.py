@@ -211,10 +211,10 @@ class Defences:
         within the window: that one is counted, and told with the others
         when the window ends.
         """
-        if self._digests[result].refused(attempt.peer):
+        if self._digests[result].refused(attempt.peer, reason):
             self.record(attempt, 0, result, reason, auth_failure)
 
-    def _tell_count(self, result: str, address: str, count: int) -> None:
+    def _tell_count(self, result: str, address: str, count: int, last: str) -> None:
         now = self.clock.seconds()
         attempt = Attempt(
             peer=address, started=now, names=frozenset(), fingerprint=None, certified=False
@@ -223,8 +223,8 @@ class Defences:
             attempt,
             0,
             result,
-            "%d more connections refused like this within %d s"
-            % (count, REFUSAL_DIGEST_SECONDS),
+            "%d more connections refused like this within %d s; the last: %s"
+            % (count, REFUSAL_DIGEST_SECONDS, last),
             auth_failure=CONNECTION_REFUSALS[result],
             count=count,
         )

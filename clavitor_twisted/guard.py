@@ -439,7 +439,7 @@ class RefusalDigest:
         self,
         clock: IReactorTime,
         window: int,
-        tell_count: Callable[[str, int], None],
+        tell_count: Callable[[str, int, str], None],
         capacity: int = 10_000,
     ) -> None:
         if window < 1 or capacity < 1:
@@ -449,32 +449,39 @@ class RefusalDigest:
         self._tell_count = tell_count
         self._capacity = capacity
         self._counts: dict[str, int] = {}
+        # The detail of the last refusal counted, per key.
+        self._last: dict[str, str] = {}
         self._flushes: dict[str, IDelayedCall] = {}
 
     def __len__(self) -> int:
         return len(self._counts)
 
-    def refused(self, key: str) -> bool:
+    def refused(self, key: str, detail: str) -> bool:
         """
         Count one refusal of C{key}: C{True} if it is the first of its
-        window and is to be told now.
+        window and is to be told now.  The count is told with the C{detail}
+        of the last refusal counted.
         """
         if key not in self._counts and len(self._counts) >= self._capacity:
             key = self.OVERFLOW
         if key in self._counts:
             self._counts[key] += 1
+            self._last[key] = detail
             return False
         # The first refusal of an overflow window is not told alone.
         told = key != self.OVERFLOW
         self._counts[key] = 0 if told else 1
+        if not told:
+            self._last[key] = detail
         self._flushes[key] = self._clock.callLater(self._window, self._flush, key)
         return told
 
     def _flush(self, key: str) -> None:
         del self._flushes[key]
         count = self._counts.pop(key)
+        last = self._last.pop(key, "")
         if count:
-            self._tell_count(key, count)
+            self._tell_count(key, count, last)
 
     def stop(self) -> None:
         """

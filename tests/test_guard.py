@@ -665,7 +665,9 @@ class RefusalDigestTests(SynchronousTestCase):
         self.clock = Clock()
         self.told = []
         self.digest = RefusalDigest(
-            self.clock, 60, lambda key, count: self.told.append((self.clock.seconds(), key, count)),
+            self.clock,
+            60,
+            lambda key, count, last: self.told.append((self.clock.seconds(), key, count, last)),
             capacity=2,
         )
 
@@ -675,39 +677,39 @@ class RefusalDigestTests(SynchronousTestCase):
         window are counted and told as one count when the window ends;
         the next refusal starts a new window.
         """
-        self.assertTrue(self.digest.refused("a"))
+        self.assertTrue(self.digest.refused("a", "first"))
         self.clock.advance(59)
-        self.assertEqual([self.digest.refused("a") for _ in range(5)], [False] * 5)
-        self.assertTrue(self.digest.refused("b"))
+        self.assertEqual([self.digest.refused("a", "n%d" % n) for n in range(5)], [False] * 5)
+        self.assertTrue(self.digest.refused("b", "other"))
         self.assertEqual(self.told, [])
         self.clock.advance(1)
-        self.assertEqual(self.told, [(60, "a", 5)])
-        self.assertTrue(self.digest.refused("a"))
+        self.assertEqual(self.told, [(60, "a", 5, "n4")])
+        self.assertTrue(self.digest.refused("a", "again"))
         self.clock.advance(59)
-        self.assertEqual(self.told, [(60, "a", 5)])
+        self.assertEqual(self.told, [(60, "a", 5, "n4")])
         self.assertEqual(len(self.digest), 1)
         self.clock.advance(1)
         self.assertEqual(len(self.digest), 0)
-        self.assertEqual(self.told, [(60, "a", 5)])
+        self.assertEqual(self.told, [(60, "a", 5, "n4")])
 
     def test_keys_beyond_capacity_counted_together(self):
         """
         With C{capacity} keys in their windows, refusals of further keys
         are counted under OVERFLOW and never told one by one.
         """
-        self.digest.refused("a")
-        self.digest.refused("b")
-        self.assertEqual([self.digest.refused(k) for k in ("c", "d", "e")], [False] * 3)
+        self.digest.refused("a", "x")
+        self.digest.refused("b", "x")
+        self.assertEqual([self.digest.refused(k, k) for k in ("c", "d", "e")], [False] * 3)
         self.clock.advance(60)
-        self.assertEqual(self.told, [(60, RefusalDigest.OVERFLOW, 3)])
+        self.assertEqual(self.told, [(60, RefusalDigest.OVERFLOW, 3, "e")])
         self.assertEqual(len(self.digest), 0)
 
     def test_stop_tells_the_counts(self):
-        self.digest.refused("a")
-        self.digest.refused("a")
-        self.digest.refused("b")
+        self.digest.refused("a", "x")
+        self.digest.refused("a", "y")
+        self.digest.refused("b", "z")
         self.digest.stop()
-        self.assertEqual(self.told, [(0, "a", 1)])
+        self.assertEqual(self.told, [(0, "a", 1, "y")])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
