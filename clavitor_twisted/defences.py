@@ -246,10 +246,33 @@ class Defences:
         @raise RateLimited: a key of C{attempt} is over its rate.
         """
         self.check(attempt.admission_keys)
-        if attempt.certified and not attempt.names & self.authorized_pops:
-            raise _UnauthorisedCertificate(
+        refusal = self.certificate_refusal(attempt)
+        if refusal is not None:
+            raise refusal
+
+    def connection_refusal(self, attempt: Attempt) -> RequestRefused | None:
+        """
+        What a connection's first data decides, before any request is
+        parsed: a banned address or certificate, or a certificate that
+        names no authorised POP; None if neither.
+        """
+        try:
+            for key in attempt.admission_keys:
+                self.bans.check(key)
+        except Forbidden as refusal:
+            return refusal
+        return self.certificate_refusal(attempt)
+
+    def certificate_refusal(self, attempt: Attempt) -> RequestRefused | None:
+        """
+        The refusal of a client certificate that names no authorised POP
+        (it proves the peer is no partner), or None.
+        """
+        if attempt.certified and not attempt.authorised:
+            return _UnauthorisedCertificate(
                 "no name of the client certificate is in authorized_pops"
             )
+        return None
 
     def check(self, keys: tuple[str, ...]) -> None:
         """

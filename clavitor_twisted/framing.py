@@ -169,7 +169,7 @@ class ApiChannel(http.HTTPChannel):
         Count the connection against its peer address's rate and cap and
         against all open connections; one over a limit is dropped at once,
         before a byte of it is read (when all connections are taken, the
-        oldest silent one makes room instead, if there is one).
+        oldest unproven one makes room instead, if there is one).
         """
         super().connectionMade()
         defences = self.site.defences
@@ -193,7 +193,7 @@ class ApiChannel(http.HTTPChannel):
             defences.connections.release(address)
             self._drop(
                 "too_many_connections",
-                "all %d connections of the backup open and in use"
+                "all %d connections of the backup open and proven"
                 % (defences.open_connections.limit,),
             )
             return
@@ -202,17 +202,43 @@ class ApiChannel(http.HTTPChannel):
         if displaced is not None:
             displaced.displace()
 
+    def _first_data(self) -> bool:
+        """
+        The first data, so the TLS handshake is done and the certificate
+        verified: a banned peer, or a certificate that names no authorised
+        POP, is refused now, without waiting for a request (which it could
+        leave unfinished, holding a connection); a certificate that does
+        proves a partner's connection.  Whether to read on.
+        """
+        self._secured = True
+        attempt = self._bare_attempt()
+        defences = self.site.defences
+        refusal = defences.connection_refusal(attempt)
+        if refusal is not None:
+            self.refuse_and_close(refusal, attempt)
+            return False
+        if attempt.certified:
+            defences.open_connections.proven(self)
+        return True
+
+    def credential_proven(self) -> None:
+        """
+        A request's credential held (the bearer token): a partner's
+        connection.
+        """
+        self.site.defences.open_connections.proven(self)
+
     def displace(self) -> None:
         """
-        The backup is full and this connection has sent nothing yet: it
-        makes room for a new one.
+        The backup is full and this connection has not proven it comes
+        from a partner: it makes room for a new one.
         """
         self._closing = True
         self.transport.abortConnection()
         self.site.defences.refused_connection(
             "too_many_connections",
             self._bare_attempt(),
-            "closed while silent to make room: all connections of the backup open",
+            "closed, not yet proven, to make room: all connections of the backup open",
         )
 
     def _drop(self, result: str, reason: str) -> None:
@@ -233,9 +259,8 @@ class ApiChannel(http.HTTPChannel):
         if self._closing:
             return
         self._heard = True
-        if not self._secured:
-            self._secured = True
-            self.site.defences.open_connections.heard(self)
+        if not self._secured and not self._first_data():
+            return
         self._start_deadline()
         super().dataReceived(data)
         if (
@@ -453,6 +478,8 @@ class ApiRequest(server.Request):
             self._check_framing(length)
             self._defences.admit(self.attempt)
             self._discard = not self._credential_holds()
+            if not self._discard:
+                self.channel.credential_proven()
             if self._discard:
                 # Its body is thrown away: no "100 Continue" asks for it.
                 self.requestHeaders.removeHeader(b"Expect")

@@ -382,9 +382,10 @@ class OpenConnections:
     All connections open at once, at most C{limit}: the file descriptors
     of the process are finite, and a flood from many addresses must not
     take the ones its vaults and its partners need.  When full, a new
-    connection takes the place of the oldest one that has not sent a byte
-    yet (a silent or slow peer: a partner speaks at once); when every open
-    connection has, the new one is refused.
+    connection takes the place of the oldest one that has not proven it
+    comes from a partner yet (see L{proven}): a partner's request proves
+    it within moments of connecting, a flood's never does.  When every
+    open connection is proven, the new one is refused.
     """
 
     def __init__(self, limit: int) -> None:
@@ -392,33 +393,37 @@ class OpenConnections:
             raise ValueError("limit must be at least 1")
         self.limit = limit
         self._open: set[Hashable] = set()
-        # The open connections that have sent nothing, oldest first.
-        self._silent: OrderedDict[Hashable, None] = OrderedDict()
+        # The open connections not proven yet, oldest first.
+        self._unproven: OrderedDict[Hashable, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._open)
 
     def open(self, connection: Hashable) -> tuple[bool, Hashable | None]:
         """
-        Count C{connection}: whether it is admitted, and the silent
+        Count C{connection}: whether it is admitted, and the unproven
         connection it displaces (to be closed by the caller), if any.
         """
         displaced = None
         if len(self._open) >= self.limit:
-            if not self._silent:
+            if not self._unproven:
                 return False, None
-            displaced, _ = self._silent.popitem(last=False)
+            displaced, _ = self._unproven.popitem(last=False)
             self._open.discard(displaced)
         self._open.add(connection)
-        self._silent[connection] = None
+        self._unproven[connection] = None
         return True, displaced
 
-    def heard(self, connection: Hashable) -> None:
-        self._silent.pop(connection, None)
+    def proven(self, connection: Hashable) -> None:
+        """
+        C{connection} comes from a partner (an authorised certificate, a
+        request with the right token): it keeps its place.
+        """
+        self._unproven.pop(connection, None)
 
     def close(self, connection: Hashable) -> None:
         self._open.discard(connection)
-        self._silent.pop(connection, None)
+        self._unproven.pop(connection, None)
 
 
 class RefusalDigest:

@@ -31,6 +31,7 @@ from tests.test_receiver import (
     PARTNER,
     PARTNER_VAULT_ID,
     PRIMARY,
+    STRANGER,
     VAULT_ID,
     ReceiverTestCase,
     _Collect,
@@ -711,8 +712,10 @@ class FramingTests(ReceiverTestCase):
     def test_connections_of_all_addresses(self):
         """
         With all max_connections open, a new connection takes the place of
-        the oldest silent one (audited); when every open connection has
-        spoken, the new one is dropped at once, unanswered.
+        the oldest one not proven (silent, here; audited); when every open
+        connection has proven it comes from a partner (an authorised
+        certificate, or a request with the right token, though unfinished),
+        the new one is dropped at once, unanswered.
         """
         yield self.serve(self.store, max_connections=2)
         silent = yield self.hold(2, source="127.0.0.2")
@@ -730,14 +733,42 @@ class FramingTests(ReceiverTestCase):
         silent[1].transport.loseConnection()
         yield silent[1].lost
         yield until(lambda: not self.factory.protocols)
-        talking = yield self.hold(2, b"POST / HTTP/1.1\r\n", source="127.0.0.4")
+        unfinished = self.signed_request(self.batch())[:-1]
+        talking = yield self.hold(1, unfinished, source="127.0.0.4")
+        talking += yield self.hold(1, unfinished, source="127.0.0.6")
         yield until(
             lambda: len(self.factory.protocols) == 2
-            and all(p.wrappedProtocol._heard for p in self.factory.protocols)
+            and all(p.wrappedProtocol.requests for p in self.factory.protocols)
+            and self.site.defences.bodies.in_use > 0
         )
         dropped = yield self.raw(self.signed_request(self.batch()), source="127.0.0.5", alone=False)
         self.assertEqual(dropped.received, b"")
         self.assertEqual([t.lost.called for t in talking], [False, False])
+        for holder in talking:
+            holder.transport.abortConnection()
+            yield holder.lost
+
+    @inlineCallbacks
+    def test_unauthorised_certificate_refused_at_its_first_byte(self):
+        """
+        A certificate from our CA that names no authorised POP (mtls) is
+        refused (403) as soon as its first byte comes, not when a request
+        it may never finish is in; so is a banned peer (either mode).
+        """
+        if self.method == "mtls":
+            [holder] = yield self.hold(1, b"P", pop=STRANGER)
+            yield holder.lost
+            [response] = parse_responses(holder.received)
+            self.assertRawRefused(response, 403, "forbidden")
+            [record] = self.records()
+            self.assertEqual((record["result"], record["auth_failure"]), ("forbidden", True))
+
+        for _ in range(self.ban_after):
+            self.site.defences.bans.record_failure("address:127.0.0.7")
+        [holder] = yield self.hold(1, b"P", source="127.0.0.7")
+        yield holder.lost
+        self.assertRawRefused(parse_responses(holder.received)[0], 403, "forbidden")
+        self.assertEqual(self.records()[-1]["reason"], "banned: address:127.0.0.7")
 
     def assertDigested(self, result, count, auth_failure=False):
         """

@@ -639,19 +639,19 @@ class BodyBudgetTests(SynchronousTestCase):
 
 
 class OpenConnectionsTests(SynchronousTestCase):
-    def test_silent_make_room(self):
+    def test_unproven_make_room(self):
         """
-        When full, a new connection displaces the oldest one that has sent
-        nothing; with every open one heard from, it is refused; a closed
-        one frees its place.
+        When full, a new connection displaces the oldest one not proven;
+        with every open one proven, it is refused; a closed one frees its
+        place.
         """
         pool = OpenConnections(2)
         self.assertEqual(pool.open("a"), (True, None))
         self.assertEqual(pool.open("b"), (True, None))
-        pool.heard("a")
+        pool.proven("a")
         self.assertEqual(pool.open("c"), (True, "b"))
         self.assertEqual(pool.open("d"), (True, "c"))
-        pool.heard("d")
+        pool.proven("d")
         self.assertEqual(pool.open("e"), (False, None))
         self.assertEqual(len(pool), 2)
         pool.close("a")
