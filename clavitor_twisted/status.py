@@ -319,8 +319,10 @@ class StatusResource(Resource):
 
 # Scrapers and the status command need one or two; each costs a file.
 MAX_STATUS_CONNECTIONS = 16
-# Seconds a status connection may stay idle.
-STATUS_IDLE_TIMEOUT = 10
+# Seconds a status connection may stay idle, and stay open at all (a peer
+# sending a byte now and then is never idle).
+STATUS_IDLE_TIMEOUT = 5
+STATUS_CONNECTION_SECONDS = 10
 
 
 def _refusal(status: bytes, word: str) -> bytes:
@@ -345,15 +347,24 @@ _FRAMING_REFUSED = _refusal(b"400 Bad Request", "malformed")
 class _StatusChannel(http.HTTPChannel):
     """
     Bad framing gets a JSON 400 with the headers of every other answer,
-    not twisted.web's bare one; the site counts its connections.
+    not twisted.web's bare one.  A connection lives at most
+    L{STATUS_CONNECTION_SECONDS}: a scraper's request takes milliseconds.
     """
+
+    _end = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._end = self.callLater(STATUS_CONNECTION_SECONDS, self.transport.abortConnection)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self.transport.write(_FRAMING_REFUSED)
         self.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
-        self.site.connection_closed()
+        if self._end is not None and self._end.active():
+            self._end.cancel()
+        self.site.connection_closed(self)
         super().connectionLost(reason)
 
 
@@ -397,31 +408,43 @@ class _StatusRequest(server.Request):
 
 class StatusSite(server.Site):
     """
-    The status site: at most L{MAX_STATUS_CONNECTIONS} connections, no
-    access log (a scraper calls every few seconds), no traceback shown, no
-    request body taken.
+    The status site: at most L{MAX_STATUS_CONNECTIONS} connections, the
+    oldest closed to make room for a new one (so connections held open
+    cannot keep a scraper out); no access log (a scraper calls every few
+    seconds), no traceback shown, no request body taken.
     """
 
     displayTracebacks = False
     protocol = _StatusChannel
     requestFactory = _StatusRequest
 
-    def __init__(self, resource: Resource) -> None:
-        super().__init__(resource, timeout=STATUS_IDLE_TIMEOUT)
-        self._open = 0
+    def __init__(self, resource: Resource, clock: IReactorTime | None = None) -> None:
+        super().__init__(resource, timeout=STATUS_IDLE_TIMEOUT, reactor=clock)
+        self._open: dict[_StatusChannel, None] = {}
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
 
     def buildProtocol(self, addr):
-        if self._open >= MAX_STATUS_CONNECTIONS:
-            return None
-        self._open += 1
-        return super().buildProtocol(addr)
+        if len(self._open) >= MAX_STATUS_CONNECTIONS:
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            oldest.transport.abortConnection()
+        channel = super().buildProtocol(addr)
+        self._open[channel] = None
+        return channel
 
-    def connection_closed(self) -> None:
-        self._open -= 1
+    def connection_closed(self, channel: _StatusChannel) -> None:
+        self._open.pop(channel, None)
 
     def log(self, request: server.Request) -> None:
         pass
 
 
-def make_status_site(source: StatusSource) -> StatusSite:
-    return StatusSite(StatusResource(source))
+def make_status_site(source: StatusSource, clock: IReactorTime | None = None) -> StatusSite:
+    """
+    The status site of C{source}; its connections' timers run on C{clock}
+    (the reactor by default).
+    """
+    return StatusSite(StatusResource(source), clock)

@@ -339,30 +339,55 @@ class StatusSiteTests(TestCase):
     @inlineCallbacks
     def test_connections_capped(self):
         """
-        At most MAX_STATUS_CONNECTIONS connections at once: one more is
-        closed unanswered; once one closes, the next is served.
+        At most MAX_STATUS_CONNECTIONS connections at once, even ones kept
+        busy a byte at a time: a new one closes the oldest and is served.
         """
         source, _ = backup_source(Clock())
         port = reactor.listenTCP(0, status.make_status_site(source), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         site = port.factory
-        idle = []
+        held = []
         for _ in range(status.MAX_STATUS_CONNECTIONS):
-            client = _Raw(b"")
+            client = _Raw(b"G")
             yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
-            idle.append(client)
-        while site._open < status.MAX_STATUS_CONNECTIONS:
+            held.append(client)
+        while site.open_connections < status.MAX_STATUS_CONNECTIONS:
             yield deferLater(reactor, 0.01, lambda: None)
         request = b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        self.assertEqual((yield self.raw(port, request)), b"")
-        idle[0].transport.loseConnection()
-        yield idle[0].lost
-        while site._open >= status.MAX_STATUS_CONNECTIONS:
-            yield deferLater(reactor, 0.01, lambda: None)
         self.assertIn(b" 200 ", (yield self.raw(port, request)))
-        for client in idle[1:]:
+        yield held[0].lost
+        self.assertEqual([c.lost.called for c in held[1:]], [False] * (len(held) - 1))
+        self.assertLessEqual(site.open_connections, status.MAX_STATUS_CONNECTIONS)
+        for client in held[1:]:
             client.transport.loseConnection()
             yield client.lost
+
+    @inlineCallbacks
+    def test_connection_lifetime(self):
+        """
+        A connection kept busy a byte at a time (never idle) is closed
+        STATUS_CONNECTION_SECONDS after it opened.
+        """
+        clock = Clock()
+        source, _ = backup_source(clock)
+        port = reactor.listenTCP(
+            0, status.make_status_site(source, clock), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        client = _Raw(b"G")
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+        while port.factory.open_connections < 1:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertLess(status.STATUS_IDLE_TIMEOUT, status.STATUS_CONNECTION_SECONDS)
+        channel = next(iter(port.factory._open))
+        for second in range(status.STATUS_CONNECTION_SECONDS - 1):
+            client.transport.write(b"E")
+            while len(channel._buffer) < second + 2:
+                yield deferLater(reactor, 0.005, lambda: None)
+            clock.advance(1)
+        self.assertFalse(client.lost.called)
+        clock.advance(1)
+        yield client.lost
 
     @inlineCallbacks
     def test_refusals(self):
