@@ -48,14 +48,17 @@ BODY_BUDGET_REQUESTS = 4
 # sends one batch at a time.
 BODY_SHARE_REQUESTS = 1
 
-# Connections refused before any request, by the result word audited; True
-# for those that count as failed authentications.  Each is audited once per
-# address per REFUSAL_DIGEST_SECONDS, then counted.
-CONNECTION_REFUSALS = {
-    "too_many_connections": False,
-    "connection_rate_limited": False,
-    "tls_refused": True,
-}
+# Connections refused before any request, as audited: (result, status,
+# whether it counts as a failed authentication).  Each kind is audited once
+# per address per REFUSAL_DIGEST_SECONDS, then counted.
+CONNECTION_REFUSALS = (
+    ("too_many_connections", 0, False),
+    ("connection_rate_limited", 0, False),
+    ("tls_refused", 0, True),
+    # At the first byte: a banned peer, an unauthorised certificate.
+    ("forbidden", 403, False),
+    ("forbidden", 403, True),
+)
 REFUSAL_DIGEST_SECONDS = 60
 
 log = Logger()
@@ -196,36 +199,41 @@ class Defences:
         # handshake: the most expensive thing a stranger can make us do.
         self.connection_rates = RateLimiter(clock, security.connections_per_minute)
         self._digests = {
-            result: RefusalDigest(
-                clock, REFUSAL_DIGEST_SECONDS, partial(self._tell_count, result)
-            )
-            for result in CONNECTION_REFUSALS
+            kind: RefusalDigest(clock, REFUSAL_DIGEST_SECONDS, partial(self._tell_count, *kind))
+            for kind in CONNECTION_REFUSALS
         }
 
     def refused_connection(
-        self, result: str, attempt: Attempt, reason: str, auth_failure: bool = False
+        self,
+        result: str,
+        attempt: Attempt,
+        reason: str,
+        auth_failure: bool = False,
+        status: int = 0,
     ) -> None:
         """
-        Audit a connection refused before any request (C{result} one of
+        Audit a connection refused before any request (its kind one of
         L{CONNECTION_REFUSALS}), unless its address had one refused like it
         within the window: that one is counted, and told with the others
         when the window ends.
         """
-        if self._digests[result].refused(attempt.peer, reason):
-            self.record(attempt, 0, result, reason, auth_failure)
+        if self._digests[result, status, auth_failure].refused(attempt.peer, reason):
+            self.record(attempt, status, result, reason, auth_failure)
 
-    def _tell_count(self, result: str, address: str, count: int, last: str) -> None:
+    def _tell_count(
+        self, result: str, status: int, auth_failure: bool, address: str, count: int, last: str
+    ) -> None:
         now = self.clock.seconds()
         attempt = Attempt(
             peer=address, started=now, names=frozenset(), fingerprint=None, certified=False
         )
         self.record(
             attempt,
-            0,
+            status,
             result,
             "%d more connections refused like this within %d s; the last: %s"
             % (count, REFUSAL_DIGEST_SECONDS, last),
-            auth_failure=CONNECTION_REFUSALS[result],
+            auth_failure=auth_failure,
             count=count,
         )
 

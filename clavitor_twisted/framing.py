@@ -215,7 +215,9 @@ class ApiChannel(http.HTTPChannel):
         defences = self.site.defences
         refusal = defences.connection_refusal(attempt)
         if refusal is not None:
-            self.refuse_and_close(refusal, attempt)
+            # As fast as a stranger can connect: audited like the other
+            # refused connections, once a minute per address with a count.
+            self.refuse_and_close(refusal, attempt, digest=True)
             return False
         if attempt.certified:
             defences.open_connections.proven(self)
@@ -321,7 +323,9 @@ class ApiChannel(http.HTTPChannel):
             )
         self.transport.abortConnection()
 
-    def refuse_and_close(self, refusal: RequestRefused, attempt: Attempt) -> None:
+    def refuse_and_close(
+        self, refusal: RequestRefused, attempt: Attempt, digest: bool = False
+    ) -> None:
         """
         Answer C{refusal} now, whatever of the request is still to come,
         then close; if the peer does not let the connection close, abort it
@@ -349,13 +353,15 @@ class ApiChannel(http.HTTPChannel):
         self.loseConnection()
         self._abort = self.callLater(self.abortTimeout, self.forceAbortClient)
         defences = self.site.defences
-        defences.record(
-            attempt,
-            refusal.status,
-            refusal.word,
-            defences.refused(attempt, refusal),
-            refusal.counts_as_auth_failure,
-        )
+        reason = defences.refused(attempt, refusal)
+        if digest:
+            defences.refused_connection(
+                refusal.word, attempt, reason, refusal.counts_as_auth_failure, refusal.status
+            )
+        else:
+            defences.record(
+                attempt, refusal.status, refusal.word, reason, refusal.counts_as_auth_failure
+            )
 
     def _audit_refused_handshake(self, reason: Failure) -> None:
         """

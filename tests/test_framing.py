@@ -753,7 +753,8 @@ class FramingTests(ReceiverTestCase):
         """
         A certificate from our CA that names no authorised POP (mtls) is
         refused (403) as soon as its first byte comes, not when a request
-        it may never finish is in; so is a banned peer (either mode).
+        it may never finish is in; so is a banned peer (either mode), whose
+        refusals are audited once a minute with a count.
         """
         if self.method == "mtls":
             [holder] = yield self.hold(1, b"P", pop=STRANGER)
@@ -765,10 +766,21 @@ class FramingTests(ReceiverTestCase):
 
         for _ in range(self.ban_after):
             self.site.defences.bans.record_failure("address:127.0.0.7")
-        [holder] = yield self.hold(1, b"P", source="127.0.0.7")
-        yield holder.lost
-        self.assertRawRefused(parse_responses(holder.received)[0], 403, "forbidden")
-        self.assertEqual(self.records()[-1]["reason"], "banned: address:127.0.0.7")
+        before = len(self.records())
+        for _ in range(3):
+            [holder] = yield self.hold(1, b"P", source="127.0.0.7")
+            yield holder.lost
+            self.assertRawRefused(parse_responses(holder.received)[0], 403, "forbidden")
+        # As fast as a stranger can connect: one record, then a count.
+        [record] = self.records()[before:]
+        self.assertEqual(record["reason"], "banned: address:127.0.0.7")
+        self.clock.advance(REFUSAL_DIGEST_SECONDS)
+        [summary] = self.records()[before + 1 :]
+        self.assertEqual(
+            (summary["result"], summary["status"], summary["count"], summary["peer"]),
+            ("forbidden", 403, 2, "127.0.0.7"),
+        )
+        self.assertIn("the last: banned: address:127.0.0.7", summary["reason"])
 
     def assertDigested(self, result, count, auth_failure=False):
         """

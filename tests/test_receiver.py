@@ -49,6 +49,7 @@ from clavitor_twisted import pki, protocol, tls
 from clavitor_twisted.audit import AuditLog, fingerprint
 from clavitor_twisted.config import parse_config
 from clavitor_twisted.errors import RateLimited
+from clavitor_twisted.defences import REFUSAL_DIGEST_SECONDS
 from clavitor_twisted.receiver import make_site
 from clavitor_twisted.tokens import (
     TokenSet,
@@ -768,6 +769,8 @@ class CertificateModeTests(ReceiverTestCase):
             [response] = parse_responses(client.received)
             self.assertRawRefused(response, 403, "forbidden")
             self.assertEqual(response[1][b"connection"], [b"close"])
+            # Past the digest window, so each refusal has its own record.
+            self.clock.advance(REFUSAL_DIGEST_SECONDS)
         self.assertNothingApplied()
         refusals = self.refusals()
         self.assertEqual(len(refusals), self.ban_after)
@@ -1393,6 +1396,8 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
         for _ in range(self.ban_after + 1):
             client = yield self.raw(forged, pop=STRANGER)
             self.assertEqual(parse_responses(client.received)[0][0], 403)
+            # Past the digest window, so each refusal has its own record.
+            self.clock.advance(REFUSAL_DIGEST_SECONDS)
         refusals = self.refusals()
         self.assertTrue(
             refusals[self.ban_after - 1]["reason"].endswith(
@@ -1403,7 +1408,7 @@ class CertificateDefenceTests(_DefenceTests, ReceiverTestCase):
             refusals[-1]["reason"], "banned: " + self.certificate_key(STRANGER)
         )
         self.assertEqual({r["proven_pop"] for r in refusals}, {None})
-        self.assertApplied((yield self.send(self.batch())), applied=3)
+        self.assertApplied((yield self.send(self.batch(timestamp=self.now()))), applied=3)
         result = yield self.send(self.partner_batch(), pop=PARTNER)
         self.assertApplied(result, applied=3)
         applied = self.records()[-2:]
