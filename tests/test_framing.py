@@ -241,6 +241,18 @@ class FramingTests(ReceiverTestCase):
         [record] = self.records()[before:]
         self.assertEqual((record["result"], record["status"]), ("malformed", 400))
 
+    def chunked_refused(self, body, framed):
+        """
+        C{framed} (C{body} in a chunked framing), sent with the headers
+        signed for C{body}, is refused like any bad framing.
+        """
+        request = http_request(
+            framed,
+            self.headers_of(body) + [(b"Transfer-Encoding", b"chunked")],
+            length=False,
+        )
+        yield from self.framing_refused(request)
+
     @inlineCallbacks
     def test_bad_content_length(self):
         """
@@ -335,12 +347,7 @@ class FramingTests(ReceiverTestCase):
             size + b"\r\n" + body + b"XX0\r\n\r\n",
             size + b";a=\x01\r\n" + body + b"\r\n0\r\n\r\n",
         ):
-            request = http_request(
-                framed,
-                self.headers_of(body) + [(b"Transfer-Encoding", b"chunked")],
-                length=False,
-            )
-            yield from self.framing_refused(request)
+            yield from self.chunked_refused(body, framed)
 
     @inlineCallbacks
     def test_chunk_declared_past_the_cap(self):
@@ -398,12 +405,7 @@ class FramingTests(ReceiverTestCase):
             size + b"\r\n" + body + b"\r\n0\r\nX-Trailer: a\n",
             size + b"\r\n" + body + b"\r\n0\r\n\n",
         ):
-            request = http_request(
-                framed,
-                self.headers_of(body) + [(b"Transfer-Encoding", b"chunked")],
-                length=False,
-            )
-            yield from self.framing_refused(request)
+            yield from self.chunked_refused(body, framed)
 
     @inlineCallbacks
     def test_trailer_fields_refused(self):
@@ -424,12 +426,7 @@ class FramingTests(ReceiverTestCase):
             b"X",
             b"\rX",
         ):
-            request = http_request(
-                framed + trailer,
-                self.headers_of(body) + [(b"Transfer-Encoding", b"chunked")],
-                length=False,
-            )
-            yield from self.framing_refused(request)
+            yield from self.chunked_refused(body, framed + trailer)
 
     @inlineCallbacks
     def test_content_length_of_many_digits(self):
