@@ -125,6 +125,8 @@ class ApiChannel(http.HTTPChannel):
 
     _closing = False
     _secured = False
+    # What the client certificate proves, once data came.
+    _identity: tuple[frozenset[str], str | None] = (frozenset(), None)
     _any_request = False
     _connected_at = 0.0
     _abort = None
@@ -211,6 +213,8 @@ class ApiChannel(http.HTTPChannel):
         proves a partner's connection.  Whether to read on.
         """
         self._secured = True
+        # Read once: every attempt of the connection shares it.
+        self._identity = self.site.authentication.identify(self.transport)
         attempt = self._bare_attempt()
         defences = self.site.defences
         refusal = defences.connection_refusal(attempt)
@@ -385,10 +389,7 @@ class ApiChannel(http.HTTPChannel):
         what its client certificate proves.
         """
         site = self.site
-        names: frozenset[str] = frozenset()
-        credential = None
-        if self._secured:
-            names, credential = site.authentication.identify(self.transport)
+        names, credential = self._identity
         authorised = names & site.defences.authorized_pops
         peer = self.transport.getPeer()
         return Attempt(
